@@ -1,0 +1,66 @@
+"""Attention kernels that return (out, log-sum-exp), the pair a ring merge needs.
+
+Layout in and out is yunchang's: q/k/v/out [batch, seq, heads, head_dim]; lse [batch, heads, seq]
+in fp32 (bf16 LSE doubles the ring merge error).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+CUDA_KERNELS = ("cudnn", "flash", "efficient")
+
+
+def _bhsd(*tensors: torch.Tensor):
+    return [t.transpose(1, 2) for t in tensors]
+
+
+def _cpu(q, k, v, scale):
+    # TORCH_MATH in yunchang returns a zero LSE on CPU; this op returns the real one.
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+    return out, lse
+
+
+def _cudnn(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+    return out, lse
+
+
+def _flash(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return out, lse
+
+
+def _efficient(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, False, scale=scale)[:2]
+    return out, lse
+
+
+_IMPLS = {"cpu": _cpu, "cudnn": _cudnn, "flash": _flash, "efficient": _efficient}
+
+
+def get_kernel(name: str) -> Kernel:
+    """A yunchang-compatible ring-step kernel: fn(q, k, v, softmax_scale=..., **ignored) -> (out, lse)."""
+    if name not in _IMPLS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose from {sorted(_IMPLS)}")
+    impl = _IMPLS[name]
+
+    def kernel(q, k, v, softmax_scale=None, **_ignored):
+        out, lse = impl(*_bhsd(q, k, v), softmax_scale)
+        if lse.dim() == 4:  # cuDNN returns [b, h, s, 1]
+            lse = lse.squeeze(-1)
+        return out.transpose(1, 2), lse.float()
+
+    kernel.__name__ = f"{name}_attention"
+    return kernel
+
+
+def default_kernel_name(device: torch.device) -> str:
+    # cuDNN SDPA is ~2x the flash backend for Flux shapes on Hopper (measured, see DESIGN.md).
+    return "cudnn" if device.type == "cuda" else "cpu"

@@ -1,0 +1,90 @@
+"""USP attention (Ulysses all-to-all over heads x Ring rotation of K/V) through yunchang.
+
+Every rank holds a contiguous shard of the joint sequence. Two ways to hold the text
+(joint) tokens of an MM-DiT:
+- split: the text shards with the image tokens, and the local sequence is simply
+  [text shard, image shard]. Attention has no mask, so the order in which shards meet
+  does not matter and yunchang's LongContextAttention is exact as it stands.
+- replicated: every rank holds all text tokens (the text length does not divide the
+  sequence-parallel degree). Text K/V then joins only the first, local ring step so it
+  is counted once, and the text queries ride along every ring step with their partial
+  (out, lse) merged here; their head slices are gathered over the Ulysses group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from yunchang.hybrid.attn_layer import LongContextAttention
+from yunchang.hybrid.utils import RING_IMPL_DICT
+from yunchang.ring.utils import update_out_and_lse
+
+from .kernels import Kernel
+
+
+class _ExplicitGroupAttention(LongContextAttention):
+    """LongContextAttention with its groups passed in, not read from yunchang's globals."""
+
+    def __init__(self, ulysses_group: dist.ProcessGroup, ring_group: dist.ProcessGroup):
+        torch.nn.Module.__init__(self)
+        self.ulysses_pg = ulysses_group
+        self.ring_pg = ring_group
+        self.use_pack_qkv = False
+        self.use_sync = False
+        self.attn_type = None  # with attn_type None yunchang calls attn_processor for every ring step
+        self.attn_processor = None
+        self.scatter_idx = 2
+        self.gather_idx = 1
+        self.ring_attn_fn = RING_IMPL_DICT["basic"]
+
+
+class _JointTextRingStep:
+    """Ring-step kernel for replicated text: text K/V on the first step only, text Q on every step."""
+
+    def __init__(self, kernel: Kernel, text_q, text_k, text_v):
+        self.kernel = kernel
+        self.text_q, self.text_k, self.text_v = text_q, text_k, text_v
+        self.first_step = True
+        self.text_out = None
+        self.text_lse = None
+
+    def __call__(self, q, k, v, softmax_scale=None, **_ignored):
+        if self.first_step:  # yunchang's ring calls the local (unrotated) K/V first
+            k = torch.cat([self.text_k, k], dim=1)
+            v = torch.cat([self.text_v, v], dim=1)
+            self.first_step = False
+        text_len = self.text_q.shape[1]
+        out, lse = self.kernel(torch.cat([self.text_q, q], dim=1), k, v, softmax_scale=softmax_scale)
+        self.text_out, self.text_lse = update_out_and_lse(
+            self.text_out, self.text_lse, out[:, :text_len], lse[..., :text_len])
+        return out[:, text_len:], lse[..., text_len:]
+
+
+class USPAttention:
+    """Callable on [batch, seq_local, heads, head_dim] q/k/v; returns the same layout."""
+
+    def __init__(self, ulysses_group: dist.ProcessGroup, ring_group: dist.ProcessGroup, kernel: Kernel):
+        self.ulysses_group = ulysses_group
+        self.ulysses_degree = dist.get_world_size(ulysses_group)
+        self.ulysses_rank = dist.get_rank(ulysses_group)
+        self.kernel = kernel
+        self._attn = _ExplicitGroupAttention(ulysses_group, ring_group)
+
+    def __call__(self, q, k, v, replicated_text_len: int = 0, softmax_scale=None):
+        if not replicated_text_len:
+            self._attn.attn_processor = self.kernel
+            return self._attn(q, k, v, softmax_scale=softmax_scale)
+
+        t = replicated_text_len
+        # After the all-to-all this rank holds head chunk `ulysses_rank` of the image tokens.
+        heads = q.shape[2] // self.ulysses_degree
+        h0 = self.ulysses_rank * heads
+        step = _JointTextRingStep(self.kernel, *(x[:, :t, h0:h0 + heads] for x in (q, k, v)))
+        self._attn.attn_processor = step
+        image_out = self._attn(q[:, t:], k[:, t:], v[:, t:], softmax_scale=softmax_scale)
+        text_out = step.text_out.to(q.dtype)
+        if self.ulysses_degree > 1:
+            chunks = [torch.empty_like(text_out) for _ in range(self.ulysses_degree)]
+            dist.all_gather(chunks, text_out.contiguous(), group=self.ulysses_group)
+            text_out = torch.cat(chunks, dim=2)
+        return torch.cat([text_out, image_out], dim=1)

@@ -1,0 +1,317 @@
+"""Load Flux.1 transformer single-file checkpoints into diffusers' FluxTransformer2DModel.
+
+Accepted layouts: BFL originals (``double_blocks.*``), the same keys under ComfyUI's
+``model.diffusion_model.`` prefix (other components in an all-in-one file are ignored),
+and diffusers keys (``transformer_blocks.*``). The model config is derived from tensor
+shapes only, so reduced or non-standard widths load as well as FLUX.1-dev/schnell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+PREFIX = "model.diffusion_model."
+_LIN = ("weight", "bias")
+# safetensors dtype tags -> torch dtype names, for FluxCheckpointInfo.stored_dtypes
+_ST_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BF16": "bfloat16", "F16": "float16",
+              "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a Flux.1 transformer; the message names the file."""
+
+
+@dataclass
+class FluxCheckpointInfo:
+    path: str
+    layout: str
+    variant: str
+    config: dict
+    stored_dtypes: set = field(default_factory=set)
+
+
+def _unreadable(path, why):
+    return CheckpointError(
+        f"{path}: not a readable safetensors file ({why}); expected a Flux.1 transformer checkpoint (.safetensors)")
+
+
+def _header(path) -> dict:
+    """Parse and validate the safetensors header, so truncation gets a clear message before any read."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise _unreadable(path, f"header is corrupt: header length {n} exceeds file size {size}")
+            header = json.loads(f.read(n))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise _unreadable(path, f"cannot open: {e.strerror or e}") from e
+    except ValueError as e:  # JSON and UTF-8 decoding errors
+        raise _unreadable(path, f"header is corrupt: {e}") from e
+    if not isinstance(header, dict):
+        raise _unreadable(path, "header is corrupt: not a JSON object")
+    header.pop("__metadata__", None)
+    if not all(isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys() for v in header.values()):
+        raise _unreadable(path, "header is corrupt: tensor entry without dtype/shape/data_offsets")
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise _unreadable(path, f"header is corrupt: bad tensor entry ({e})") from e
+    if 8 + n + end > size:
+        raise _unreadable(path, f"file is truncated: tensor data needs {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def _read(path, keys, dtype=None, device=None) -> dict:
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            names = list(f.keys()) if keys is None else list(keys)
+            # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
+            # because get_tensor may return views of the file mapping, which change or fault if the file does.
+            return {k: f.get_tensor(k).to(device=device, dtype=dtype, copy=True) for k in names}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError plus OS/key errors
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from e
+
+
+def read_state_dict(path, keys=None) -> dict:
+    """Read all tensors (or only ``keys``) as stored; any failure becomes CheckpointError."""
+    path = os.fspath(path)
+    _header(path)
+    return _read(path, keys)
+
+
+def _strip(k: str) -> str:
+    return k[len(PREFIX):] if k.startswith(PREFIX) else k
+
+
+def _guess_family(keys) -> str:
+    hints = [(("input_blocks.", "middle_block.", "conditioner.", "label_emb."), "an SD/SDXL UNet"),
+             (("joint_blocks.",), "an SD3 MMDiT"),
+             (("encoder.conv_in", "decoder.", "first_stage_model.", "quant_conv"), "a VAE"),
+             (("text_model.", "encoder.block.", "shared.", "text_projection", "cond_stage_model."), "a text encoder")]
+    for prefixes, name in hints:
+        if any(k.startswith(prefixes) for k in keys):
+            return f"this looks like {name}"
+    return "is this an SD/SDXL UNet or a VAE/text encoder?"
+
+
+def detect_layout(keys) -> str:
+    """'bfl' for BFL/ComfyUI keys (prefix optional), 'diffusers' for diffusers keys, else CheckpointError."""
+    ks = [_strip(k) for k in keys]
+    if not ks:
+        raise CheckpointError("contains no tensors; expected a Flux.1 transformer checkpoint")
+    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in ks):
+        return "bfl"
+    if "x_embedder.weight" in ks and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in ks):
+        return "diffusers"
+    seen = {}
+    for k in sorted(ks):
+        seen.setdefault(k.split(".")[0], k)
+    sample = ", ".join(repr(k if len(k) < 40 else k[:37] + "...") for k in list(seen.values())[:4])
+    raise CheckpointError("does not look like a Flux.1 transformer: no 'double_blocks.*' or 'transformer_blocks.*' "
+                          f"keys (found keys like {sample}); {_guess_family(ks)}")
+
+
+def _num_blocks(keys, prefix) -> int:
+    # max index + 1, not the count, so a gap in the indices surfaces later as missing keys
+    idx = [int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def rope_axes_for_head_dim(head_dim: int) -> tuple:
+    """Rope axes (t, h, w) for a head size. Rope has no weights, so this is a convention:
+    (16, 56, 56) for 128 (FLUX.1); otherwise a = round(head_dim*56/128/2)*2 and (head_dim-2a, a, a),
+    which keeps FLUX.1's proportions, sums to head_dim and keeps every axis even."""
+    if head_dim == 128:
+        return (16, 56, 56)
+    a = round(head_dim * 56 / 128 / 2) * 2
+    if head_dim % 2 or a < 2 or head_dim - 2 * a < 2:
+        raise CheckpointError(f"attention head size {head_dim} gives no usable rope split "
+                              f"({head_dim - 2 * a}, {a}, {a}); every axis must be even and >= 2")
+    return (head_dim - 2 * a, a, a)
+
+
+_SHAPE_KEYS = {  # where each size can be read off, per layout
+    "bfl": dict(x="img_in.weight", ctx="txt_in.weight", vec="vector_in.in_layer.weight",
+                out="final_layer.linear.weight", dbl="double_blocks.", sgl="single_blocks.",
+                qn=("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.query_norm.scale"),
+                guid="guidance_in.in_layer.weight"),
+    "diffusers": dict(x="x_embedder.weight", ctx="context_embedder.weight",
+                      vec="time_text_embed.text_embedder.linear_1.weight", out="proj_out.weight",
+                      dbl="transformer_blocks.", sgl="single_transformer_blocks.",
+                      qn=("transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_q.weight"),
+                      guid="time_text_embed.guidance_embedder.linear_1.weight"),
+}
+
+
+def flux_config_from_state_dict(sd, layout) -> dict:
+    """FluxTransformer2DModel kwargs from tensor shapes only (works on meta tensors).
+
+    Width from img_in/x_embedder rows, head size from the q-norm scale, block counts from the
+    highest block index; guidance_embeds is True when a guidance embedder is present (dev)."""
+    sd = {_strip(k): v for k, v in sd.items()}
+    names = _SHAPE_KEYS[layout]
+    missing = [names[n] for n in ("x", "ctx", "vec", "out") if names[n] not in sd]
+    qn = next((k for k in names["qn"] if k in sd), None)
+    if missing or qn is None:
+        raise CheckpointError(f"missing keys needed to infer the model size: {missing or list(names['qn'])}")
+    inner, in_channels = sd[names["x"]].shape
+    head_dim = sd[qn].shape[0]
+    if inner % head_dim:
+        raise CheckpointError(f"width {inner} is not a multiple of the attention head size {head_dim}")
+    keys = list(sd)
+    return dict(patch_size=1, in_channels=int(in_channels), out_channels=int(sd[names["out"]].shape[0]),
+                num_layers=_num_blocks(keys, names["dbl"]), num_single_layers=_num_blocks(keys, names["sgl"]),
+                attention_head_dim=int(head_dim), num_attention_heads=int(inner // head_dim),
+                joint_attention_dim=int(sd[names["ctx"]].shape[1]), pooled_projection_dim=int(sd[names["vec"]].shape[1]),
+                guidance_embeds=names["guid"] in sd, axes_dims_rope=rope_axes_for_head_dim(int(head_dim)))
+
+
+def flux_variant(config) -> str:
+    """'dev' (guidance-distilled, has a guidance embedder) or 'schnell' (no guidance input)."""
+    return "dev" if config["guidance_embeds"] else "schnell"
+
+
+def _rules(num_layers, num_single, guidance):
+    """(bfl key, [diffusers keys], op) for every tensor; op is 'copy', 'split' (fused rows) or 'swap'."""
+    def lin(b, d, op="copy"):  # one rule per weight/bias of a Linear
+        return [(f"{b}.{s}", [f"{x}.{s}" for x in (d if isinstance(d, list) else [d])], op) for s in _LIN]
+
+    emb = [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+           ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+           ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+           ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+           ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"), ("final_layer.linear", "proj_out")]
+    if guidance:
+        emb += [("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")]
+    r = [x for b, d in emb for x in lin(b, d)]
+    r += lin("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")  # BFL shift,scale vs diffusers scale,shift
+    for i in range(num_layers):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for s, t in (("img", ""), ("txt", "_context")):
+            r += lin(f"{b}{s}_mod.lin", f"{d}norm1{t}.linear")
+            r += lin(f"{b}{s}_mlp.0", f"{d}ff{t}.net.0.proj") + lin(f"{b}{s}_mlp.2", f"{d}ff{t}.net.2")
+        r += lin(f"{b}img_attn.qkv", [f"{d}attn.to_{x}" for x in "qkv"], "split")
+        r += lin(f"{b}txt_attn.qkv", [f"{d}attn.add_{x}_proj" for x in "qkv"], "split")
+        r += lin(f"{b}img_attn.proj", f"{d}attn.to_out.0") + lin(f"{b}txt_attn.proj", f"{d}attn.to_add_out")
+        for s, t in (("img", ""), ("txt", "added_")):
+            r += [(f"{b}{s}_attn.norm.query_norm.scale", [f"{d}attn.norm_{t}q.weight"], "copy"),
+                  (f"{b}{s}_attn.norm.key_norm.scale", [f"{d}attn.norm_{t}k.weight"], "copy")]
+    for i in range(num_single):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        r += lin(f"{b}linear1", [f"{d}attn.to_q", f"{d}attn.to_k", f"{d}attn.to_v", f"{d}proj_mlp"], "split")
+        r += lin(f"{b}linear2", f"{d}proj_out") + lin(f"{b}modulation.lin", f"{d}norm.linear")
+        r += [(f"{b}norm.query_norm.scale", [f"{d}attn.norm_q.weight"], "copy"),
+              (f"{b}norm.key_norm.scale", [f"{d}attn.norm_k.weight"], "copy")]
+    return r
+
+
+def _swap(t):
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _check_leftover(sd, used):
+    left = sorted(set(sd) - used)
+    if left:
+        hint = " (scaled-fp8 checkpoints are not supported)" if any("scale_weight" in k or "scaled_fp8" in k
+                                                                   for k in left) else ""
+        raise CheckpointError(f"{len(left)} unexpected keys for a Flux.1 transformer, e.g. {left[:5]}{hint}")
+
+
+def bfl_to_diffusers(sd, config) -> dict:
+    """Map BFL/ComfyUI keys to diffusers keys; fused qkv/linear1 rows are split by the config's width."""
+    sd = {_strip(k): v for k, v in sd.items()}
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    rules = _rules(config["num_layers"], config["num_single_layers"], config["guidance_embeds"])
+    missing = [b for b, _, _ in rules if b not in sd]
+    if missing:
+        raise CheckpointError(f"{len(missing)} keys missing for a Flux.1 transformer "
+                              f"({config['num_layers']}+{config['num_single_layers']} blocks), e.g. {missing[:5]}")
+    _check_leftover(sd, {b for b, _, _ in rules})
+    out = {}
+    for b, ds, op in rules:
+        t = sd[b]
+        if op == "swap":
+            t = [_swap(t)]
+        elif op == "split":
+            sizes = [inner] * 3 + ([t.shape[0] - 3 * inner] if len(ds) == 4 else [])
+            if sum(sizes) != t.shape[0] or min(sizes) <= 0:
+                raise CheckpointError(f"'{b}' has {t.shape[0]} rows, cannot split into {sizes} (width {inner})")
+            t = torch.split(t, sizes, dim=0)
+        else:
+            t = [t]
+        out.update(zip(ds, t))
+    return out
+
+
+def diffusers_to_bfl(sd) -> dict:
+    """Exact inverse of bfl_to_diffusers: diffusers keys -> BFL keys (no prefix)."""
+    keys = list(sd)
+    rules = _rules(_num_blocks(keys, "transformer_blocks."), _num_blocks(keys, "single_transformer_blocks."),
+                   "time_text_embed.guidance_embedder.linear_1.weight" in sd)
+    missing = [d for _, ds, _ in rules for d in ds if d not in sd]
+    if missing:
+        raise CheckpointError(f"{len(missing)} diffusers keys missing, e.g. {missing[:5]}")
+    _check_leftover(sd, {d for _, ds, _ in rules for d in ds})
+    out = {}
+    for b, ds, op in rules:
+        out[b] = _swap(sd[ds[0]]) if op == "swap" else torch.cat([sd[d] for d in ds], dim=0) if op == "split" else sd[ds[0]]
+    return out
+
+
+def _check_fits(expected, sd):
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise CheckpointError(f"{len(missing)} keys missing for a Flux.1 transformer, e.g. {missing[:5]}")
+    _check_leftover(sd, set(expected))
+    bad = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"tensor shapes do not fit the inferred Flux config, e.g. {bad[:3]}")
+
+
+def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu"):
+    """Load a Flux.1 transformer file; returns (FluxTransformer2DModel in eval mode, FluxCheckpointInfo)."""
+    from diffusers import FluxTransformer2DModel
+
+    path = os.fspath(path)
+    try:
+        header = _header(path)
+        keys = list(header)
+        if any(k.startswith(PREFIX) for k in keys):  # ComfyUI file: keep only the diffusion model
+            keys = [k for k in keys if k.startswith(PREFIX)]
+        layout = detect_layout(keys)
+        stored = {header[k]["dtype"] for k in keys}
+        # Validate on header shapes first, so a bad file fails before gigabytes are read.
+        shapes = {_strip(k): torch.empty(header[k]["shape"], device="meta") for k in keys}
+        config = flux_config_from_state_dict(shapes, layout)
+        with torch.device("meta"):  # no weight allocation; real tensors are assigned below
+            model = FluxTransformer2DModel(**config)
+        _check_fits(model.state_dict(), bfl_to_diffusers(shapes, config) if layout == "bfl" else shapes)
+        # fp8 (and any other stored dtype) is upcast here, tensor by tensor
+        sd = {_strip(k): v for k, v in _read(path, keys, dtype=dtype, device=device).items()}
+        sd = bfl_to_diffusers(sd, config) if layout == "bfl" else sd
+    except CheckpointError as e:
+        if str(e).startswith(path):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # Flux has no buffers today; fail loudly if a diffusers update adds an unmaterialised one
+        raise RuntimeError(f"{path}: tensors left on the meta device after loading: {left[:5]}")
+    info = FluxCheckpointInfo(path=path, layout=layout, variant=flux_variant(config), config=config,
+                              stored_dtypes={_ST_DTYPES.get(d, d) for d in stored})
+    return model.eval().requires_grad_(False), info
+
