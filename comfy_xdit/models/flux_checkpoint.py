@@ -315,3 +315,19 @@ def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu"):
                               stored_dtypes={_ST_DTYPES.get(d, d) for d in stored})
     return model.eval().requires_grad_(False), info
 
+
+
+def write_flux_checkpoint(model, path, layout="bfl", dtype=None):
+    """Save ``model`` as a single-file checkpoint: 'bfl', 'comfy' (BFL under model.diffusion_model.) or 'diffusers'."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if layout in ("bfl", "comfy"):
+        sd = diffusers_to_bfl(sd)
+    elif layout != "diffusers":
+        raise ValueError(f"unknown layout {layout!r}")
+    prefix = PREFIX if layout == "comfy" else ""
+    # clone: save_file rejects tensors that share storage
+    sd = {prefix + k: v.to(dtype or v.dtype).contiguous().clone() for k, v in sd.items()}
+    save_file(sd, os.fspath(path))
+    return path
