@@ -1,0 +1,1 @@
+"""Pool worker: the program every torchrun rank runs (see main.py)."""

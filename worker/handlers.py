@@ -1,0 +1,166 @@
+"""What a pool rank does with each request. Every rank runs handle() in lockstep;
+validate() runs on rank 0 alone, before a request is relayed, so bad input never reaches
+the other ranks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from comfy_xdit.config import ParallelConfig, ParallelConfigError
+from comfy_xdit.mesh import ParallelMesh, build_mesh
+from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
+from comfy_xdit.sampling import sample
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
+
+
+class RequestError(Exception):
+    """An error every rank raises at the same point; answered to the controller, the pool lives on."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise RequestError(message)
+
+
+class WorkerState:
+    def __init__(self, device: torch.device, control: dist.ProcessGroup, pool_dir: str):
+        self.device = device
+        self.control = control
+        self.pool_dir = pool_dir
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.cancel_requested = threading.Event()  # set by rank 0's socket reader
+        self.current_request = -1
+        self.models: dict[str, FluxModel] = {}
+        self.meshes: dict[ParallelConfig, ParallelMesh] = {}
+        me = dict(rank=self.rank, pid=os.getpid(), host=socket.gethostname(), device=str(device))
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            me.update(device_name=props.name, memory_total=props.total_memory)
+        self.ranks: list[dict] = [None] * self.world_size
+        dist.all_gather_object(self.ranks, me, group=control)
+
+    # --- rank 0 only -------------------------------------------------------------------
+    def describe(self) -> dict:
+        return dict(world_size=self.world_size, device=self.device.type, ranks=self.ranks,
+                    models=[dict(key=k, parallel=m.mesh.config.as_dict(), variant=m.variant)
+                            for k, m in self.models.items()])
+
+    def validate(self, msg: dict, tensors: dict) -> None:
+        kind, args = msg["type"], msg.get("args", {})
+        if kind == "load_model":
+            path = args.get("path")
+            _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
+            _require(args.get("dtype", "bf16") in DTYPES, f"dtype must be one of {sorted(DTYPES)}")
+            if args.get("parallel"):
+                try:
+                    ParallelConfig(**args["parallel"]).validate(world_size=self.world_size)
+                except (TypeError, ParallelConfigError) as e:
+                    raise RequestError(str(e)) from e
+        elif kind == "sample":
+            _require(args.get("model_key") in self.models, f"model {args.get('model_key')!r} is not loaded")
+            for name, ndim in (("context", 3), ("pooled", 2), ("latent", 4)):
+                _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
+            _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
+            _require(isinstance(args.get("seed"), int), "seed must be an integer")
+            if args.get("fail_on_rank") is not None:
+                _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
+        elif kind not in ("status", "unload_model", "shutdown"):
+            raise RequestError(f"request type {kind!r} is not supported by this worker yet", kind="unsupported")
+
+    # --- every rank ---------------------------------------------------------------------
+    def handle(self, msg: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        kind, args = msg["type"], msg.get("args", {})
+        if kind == "status":
+            return self.describe(), {}
+        if kind == "load_model":
+            return self._load_model(args), {}
+        if kind == "unload_model":
+            return self._unload(args.get("model_key")), {}
+        if kind == "sample":
+            return self._sample(args, tensors, progress)
+        raise RequestError(f"request type {kind!r} is not supported", kind="unsupported")
+
+    def _mesh(self, config: ParallelConfig) -> ParallelMesh:
+        if config not in self.meshes:
+            self.meshes[config] = build_mesh(config, self.device)
+        return self.meshes[config]
+
+    def _load_model(self, args: dict) -> dict:
+        dtype = args.get("dtype", "bf16")
+        key = f"{os.path.abspath(args['path'])}|{dtype}|{args.get('attention_kernel') or 'default'}"
+        if key not in self.models:
+            try:
+                transformer, info = load_flux_transformer(args["path"], dtype=DTYPES[dtype], device=self.device)
+            except CheckpointError as e:  # same file, same verdict on every rank
+                raise RequestError(str(e)) from e
+            heads = info.config["num_attention_heads"]
+            try:
+                parallel = (ParallelConfig(**args["parallel"]) if args.get("parallel")
+                            else ParallelConfig.for_sequence_parallel(self.world_size, heads))
+                parallel.validate(world_size=self.world_size, num_heads=heads)
+            except ParallelConfigError as e:
+                raise RequestError(str(e)) from e
+            _require(parallel.sp_degree == self.world_size,
+                     "only sequence parallelism (ulysses x ring) is available so far: "
+                     f"set ulysses_degree x ring_degree = {self.world_size}")
+            self.models[key] = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
+        model = self.models[key]
+        return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
+                    config={k: v for k, v in model.config.items() if not k.startswith("_")})
+
+    def _unload(self, key: str | None) -> dict:
+        keys = list(self.models) if key is None else [key]
+        for k in keys:
+            self.models.pop(k, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dict(unloaded=keys)
+
+    def _step_sync(self, deadline: float | None) -> None:
+        """Every rank agrees at each step boundary whether to stop (cancel or deadline)."""
+        flags = torch.tensor([int(self.cancel_requested.is_set()),
+                              int(deadline is not None and time.time() > deadline)], dtype=torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+        if flags[0]:
+            raise RequestError("cancelled", kind="cancelled")
+        if flags[1]:
+            raise RequestError("deadline passed before the request finished", kind="deadline")
+
+    def _sample(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        model = self.models[args["model_key"]]
+        try:
+            model.check_latent(tuple(tensors["latent"].shape))
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        start, deadline = time.time(), args.get("deadline")
+        negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
+
+        def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
+            if args.get("fail_on_rank") == self.rank and step == args.get("fail_at_step", 1):
+                raise RuntimeError("CUDA out of memory. (injected fault for a test)")
+            preview = {"preview": denoised[:1].float().cpu()} if args.get("preview") else None
+            progress(dict(step=step, total=total, elapsed=time.time() - start), preview)
+            self._step_sync(deadline)
+
+        self._step_sync(deadline)
+        samples = sample(model, tensors["context"], tensors["pooled"], tensors["latent"], seed=args["seed"],
+                         steps=args["steps"], guidance=args.get("guidance"), cfg=float(args.get("cfg", 1.0)),
+                         negative=negative, batch_index=args.get("batch_index"), callback=on_step)
+        return dict(elapsed=time.time() - start), {"samples": samples.float().cpu()}

@@ -1,0 +1,202 @@
+"""torchrun entry of a pool worker: every rank runs this program (SPMD).
+
+Rank 0 serves the controller on a private Unix socket and relays each request to all
+ranks over a CPU (gloo) control group; every rank then runs the request in lockstep.
+An exception inside a request is fatal for the rank that raised it (peers could be stuck
+in a collective with it): it writes its traceback to the pool directory and exits, the
+controller's monitor sees the death and reports that traceback. Only RequestError, raised
+in lockstep on every rank (bad input, cancel, deadline), is answered and survived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from comfy_xdit.pool.protocol import REQUEST_TYPES, Channel, ProtocolError, accept, listen
+
+from .handlers import RequestError, WorkerState
+
+ENV_DIR, ENV_SECRET, ENV_POOL_ID = "CXD_POOL_DIR", "CXD_POOL_SECRET", "CXD_POOL_ID"
+ENV_DEVICE, ENV_CONTROLLER_PID = "CXD_DEVICE", "CXD_CONTROLLER_PID"
+IDLE_TIMEOUT = timedelta(days=30)  # followers wait in a broadcast between requests, for hours
+
+
+def _watch_controller(pid: int) -> None:
+    """Exit as soon as the controller dies, whatever this rank is doing (even inside a collective)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    while True:
+        if fd is not None:
+            if select.select([fd], [], [], None)[0]:
+                os._exit(3)
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            time.sleep(0.5)
+
+
+def _write_status(pool_dir: str, rank: int, name: str, text: str) -> None:
+    path = os.path.join(pool_dir, f"rank{rank}.{name}")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+class _Relay:
+    """Moves one request (JSON header + tensors) from rank 0 to every rank over the control group."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def broadcast(self, msg: dict | None, tensors: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+        if dist.get_rank() == 0:
+            specs = {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()}
+            header = torch.frombuffer(bytearray(json.dumps({"msg": msg, "specs": specs}).encode()), dtype=torch.uint8)
+            size = torch.tensor([header.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.group)
+        if dist.get_rank() != 0:
+            header = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(header, 0, group=self.group)
+        decoded = json.loads(bytes(header.numpy()).decode())
+        out = {}
+        for name, (dtype, shape) in decoded["specs"].items():
+            t = tensors[name].contiguous() if dist.get_rank() == 0 else torch.empty(shape, dtype=getattr(torch, dtype))
+            dist.broadcast(t, 0, group=self.group)
+            out[name] = t
+        return decoded["msg"], out
+
+
+def _serve_controller(state: WorkerState, relay: _Relay, pool_dir: str, secret: bytes, pool_id: str) -> None:
+    listener = listen(os.path.join(pool_dir, "rank0.sock"), secret)
+    _write_status(pool_dir, 0, "listening", "1")
+    while True:
+        channel = Channel(accept(listener), pool_id, REQUEST_TYPES)  # accept() skips unauthenticated clients
+        try:
+            channel.send({"type": "ready", "id": 0, "args": state.describe()})
+        except OSError:
+            continue
+        if _serve_connection(state, relay, channel):
+            return
+
+
+def _serve_connection(state: WorkerState, relay: _Relay, channel: Channel) -> bool:
+    """Serve one controller connection; True when the pool should shut down."""
+    inbox: list = []
+    arrived = threading.Condition()
+    send_lock = threading.Lock()  # the reader answers malformed messages while the main thread runs a request
+
+    def send(msg: dict, tensors: dict | None = None) -> None:
+        with send_lock:
+            try:
+                channel.send(msg, tensors)
+            except OSError:  # the controller went away; the reader notices and ends the connection
+                pass
+
+    def read():
+        while True:
+            try:
+                item = channel.recv(timeout=None)
+            except ProtocolError as e:  # answered; an oversized message also closes the channel
+                send({"type": "error", "id": 0, "args": {"message": f"malformed request: {e}", "kind": "protocol"}})
+                continue
+            except (EOFError, OSError) as e:
+                item = ("closed", e)
+            with arrived:
+                if item[0] != "closed" and item[0].get("type") == "cancel":
+                    if item[0]["id"] == state.current_request:  # a late cancel must not stop the next request
+                        state.cancel_requested.set()
+                else:
+                    inbox.append(item)
+                arrived.notify()
+            if item[0] == "closed":
+                return
+
+    threading.Thread(target=read, daemon=True, name="controller-reader").start()
+    while True:
+        with arrived:
+            arrived.wait_for(lambda: inbox)
+            item = inbox.pop(0)
+        if item[0] == "closed":
+            return False
+        msg, tensors = item
+        with arrived:
+            state.current_request = msg["id"]
+            state.cancel_requested.clear()
+        try:
+            state.validate(msg, tensors)
+        except RequestError as e:
+            send({"type": "error", "id": msg["id"], "args": {"message": str(e), "kind": e.kind}})
+            continue
+        msg, tensors = relay.broadcast(msg, tensors)
+        if msg["type"] == "shutdown":
+            send({"type": "ok", "id": msg["id"], "args": {}})
+            return True
+        _run(state, msg, tensors, send)
+
+
+def _run(state: WorkerState, msg: dict, tensors: dict, send=None) -> None:
+    """Run one request on this rank; `send` (rank 0 only) answers the controller."""
+    reply = send or (lambda *_: None)
+    try:
+        args, out = state.handle(msg, tensors, lambda a, preview=None: reply(
+            {"type": "progress", "id": msg["id"], "args": a}, preview))
+    except RequestError as e:  # raised on every rank at the same point: the pool stays in step
+        reply({"type": "error", "id": msg["id"], "args": {"message": str(e), "kind": e.kind}})
+        return
+    reply({"type": "ok", "id": msg["id"], "args": args}, out)
+
+
+def _follow(state: WorkerState, relay: _Relay) -> None:
+    while True:
+        msg, tensors = relay.broadcast(None, None)
+        if msg["type"] == "shutdown":
+            return
+        _run(state, msg, tensors)
+
+
+def main() -> int:
+    pool_dir = os.environ[ENV_DIR]
+    rank = int(os.environ["RANK"])
+    controller_pid = os.environ.get(ENV_CONTROLLER_PID)
+    if controller_pid and os.environ.get("GROUP_RANK", "0") == "0":
+        threading.Thread(target=_watch_controller, args=(int(controller_pid),), daemon=True).start()
+    try:
+        device_kind = os.environ.get(ENV_DEVICE, "cpu")
+        if device_kind == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+            control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+            dist.init_process_group("gloo", timeout=IDLE_TIMEOUT)
+            control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        state = WorkerState(device, control, pool_dir)
+        relay = _Relay(control)
+        dist.barrier(group=control)
+        _write_status(pool_dir, rank, "pid", str(os.getpid()))
+        if rank == 0:
+            _serve_controller(state, relay, pool_dir, bytes.fromhex(os.environ[ENV_SECRET]), os.environ[ENV_POOL_ID])
+        else:
+            _follow(state, relay)
+    except BaseException:
+        _write_status(pool_dir, rank, "error", traceback.format_exc())
+        os._exit(1)  # peers may be blocked in a collective with us: do not run teardown
+    dist.destroy_process_group()
+    return 0
