@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -192,15 +193,19 @@ class Channel:
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         name = f"{self._prefix}{uuid.uuid4().hex[:16]}"
-        shm = open_segment(name, create=True, size=max(nbytes, 1))  # size 0 is not a valid segment
+        # A POSIX segment is a /dev/shm file: write() fills tmpfs pages in bulk, far cheaper than
+        # faulting in a fresh mapping page by page (201 MB image: ~4x faster).
+        fd = os.open(os.path.join(_SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            if nbytes:
-                shm.buf[:nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"\0")
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
         except BaseException:
-            shm.close()
             _unlink(name)
             raise
-        shm.close()
+        finally:
+            os.close(fd)
         return {"shm": name, "dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
 
     def send(self, msg: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -223,21 +228,23 @@ class Channel:
         dtype = DTYPES[ref["dtype"]]
         nbytes = math.prod(ref["shape"]) * dtype.itemsize
         try:
-            shm = open_segment(name)
+            fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR)
         except FileNotFoundError:
             raise ProtocolError(f"tensor {key!r}: shared-memory segment {name} does not exist") from None
-        except ValueError as e:  # an empty segment cannot be mapped
-            raise ProtocolError(f"tensor {key!r}: segment {name} cannot be mapped: {e}") from None
         try:
-            if shm.size < nbytes:
-                raise ProtocolError(f"tensor {key!r}: segment {name} holds {shm.size} bytes but "
+            size = os.fstat(fd).st_size
+            if size < nbytes:
+                raise ProtocolError(f"tensor {key!r}: segment {name} holds {size} bytes but "
                                     f"{ref['dtype']}{ref['shape']} needs {nbytes}")
-            out = torch.empty(ref["shape"], dtype=dtype)  # only after the size check: the peer picks the shape
-            if nbytes:
-                out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(shm.buf, np.uint8, nbytes)
+            if not nbytes:
+                return torch.empty(ref["shape"], dtype=dtype)
+            # Zero copy: the tensor keeps the mapping alive after the name is unlinked; MAP_POPULATE
+            # maps every page at once instead of one fault per page.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapping = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            shm.close()
-        return out
+            os.close(fd)
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).reshape(ref["shape"])
 
     def recv(self, timeout: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         if not self.conn.poll(timeout):
