@@ -24,7 +24,12 @@ def free_port() -> int:
 def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, out_dir: str):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on few cores: oversubscription costs minutes
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    device_id = None
+    if backend == "nccl":  # bind the GPU before NCCL starts, so no rank guesses its device
+        device_id = torch.device("cuda", rank)
+        torch.cuda.set_device(device_id)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            device_id=device_id)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -43,6 +43,8 @@ def _efficient(q, k, v, scale):
 
 
 _IMPLS = {"cpu": _cpu, "cudnn": _cudnn, "flash": _flash, "efficient": _efficient}
+# cuDNN returns NaN for fp32 without raising (seen on H200, torch 2.11); flash refuses fp32.
+_HALF_ONLY = {"cudnn", "flash"}
 
 
 def get_kernel(name: str) -> Kernel:
@@ -52,15 +54,20 @@ def get_kernel(name: str) -> Kernel:
     impl = _IMPLS[name]
 
     def kernel(q, k, v, softmax_scale=None, **_ignored):
+        if name in _HALF_ONLY and q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention kernel {name!r} needs fp16 or bf16, got {q.dtype}; use 'efficient' for fp32")
         out, lse = impl(*_bhsd(q, k, v), softmax_scale)
         if lse.dim() == 4:  # cuDNN returns [b, h, s, 1]
             lse = lse.squeeze(-1)
-        return out.transpose(1, 2), lse.float()
+        # The efficient kernel pads the LSE to a multiple of 32 queries; the ring merge needs it exact.
+        return out.transpose(1, 2), lse[..., :q.shape[1]].float()
 
     kernel.__name__ = f"{name}_attention"
     return kernel
 
 
-def default_kernel_name(device: torch.device) -> str:
-    # cuDNN SDPA is ~2x the flash backend for Flux shapes on Hopper (measured, see DESIGN.md).
-    return "cudnn" if device.type == "cuda" else "cpu"
+def default_kernel_name(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    # cuDNN is the fastest for Flux shapes on Hopper (measured: BENCHMARKS.md) but half precision only.
+    return "cudnn" if dtype in (torch.float16, torch.bfloat16) else "efficient"

@@ -102,7 +102,8 @@ class FluxModel:
         self._shard_state = None
         if mesh is not None and mesh.sp_degree > 1:
             mesh.config.validate(num_heads=self.config["num_attention_heads"])
-            kernel = get_kernel(attention_kernel or default_kernel_name(mesh.device))
+            dtype = next(transformer.parameters()).dtype
+            kernel = get_kernel(attention_kernel or default_kernel_name(mesh.device, dtype))
             attention = USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel)
             self._shard_state = _SequenceShardState(attention)
             for module in transformer.modules():
@@ -111,8 +112,9 @@ class FluxModel:
 
     @classmethod
     def load(cls, path, dtype=torch.bfloat16, mesh: ParallelMesh | None = None,
-             attention_kernel: str | None = None) -> "FluxModel":
-        device = mesh.device if mesh is not None else torch.device("cpu")
+             attention_kernel: str | None = None, device=None) -> "FluxModel":
+        """Load a checkpoint onto the mesh's device (or `device`, default CPU, without a mesh)."""
+        device = mesh.device if mesh is not None else torch.device(device or "cpu")
         transformer, info = load_flux_transformer(path, dtype=dtype, device=device)
         return cls(transformer, mesh, attention_kernel, info)
 
