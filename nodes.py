@@ -1,7 +1,228 @@
 """ComfyUI nodes of the comfy_xdit pack: the only module that imports ComfyUI.
 
-The node classes land with the worker pool; until then the pack registers nothing.
+Each node translates ComfyUI's types (CONDITIONING, LATENT, IMAGE) to plain tensors and
+calls the engine in comfy_xdit/client.py, which drives the worker pool.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from .comfy_xdit.client import Conditioning, Engine, ModelHandle, VaeHandle, WEIGHT_DTYPES, available_devices
+from .comfy_xdit.pool.controller import PoolError
+from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
+
+CATEGORY = "xDiT"
+ENGINE = Engine()
+STRATEGIES = ("auto", "ulysses", "ring", "manual")
+
+
+def _max_gpus() -> int:
+    return max(1, available_devices()[1])
+
+
+def _run(fn, *args, **kwargs):
+    """Engine errors become plain exceptions with the root cause: ComfyUI shows them, and stays up."""
+    try:
+        return fn(*args, **kwargs)
+    except PoolError as e:
+        raise RuntimeError(f"xDiT worker pool: {e}") from e
+
+
+def _parallel(strategy: str, gpus: int, ulysses: int, ring: int) -> tuple:
+    if strategy == "auto":
+        return ()
+    if strategy == "ulysses":
+        return (("ulysses_degree", gpus),)
+    if strategy == "ring":
+        return (("ring_degree", gpus),)
+    if ulysses * ring != gpus:
+        raise ValueError(f"manual strategy: ulysses_degree {ulysses} x ring_degree {ring} = {ulysses * ring}, "
+                         f"but {gpus} GPUs were asked for; the product must equal the GPU count")
+    return (("ring_degree", ring), ("ulysses_degree", ulysses))
+
+
+def _conditioning(cond, name: str) -> Conditioning:
+    if not cond:
+        raise ValueError(f"{name} conditioning is empty")
+    if len(cond) > 1:
+        raise ValueError(f"{name} conditioning has {len(cond)} entries (Conditioning Combine, areas); "
+                         "xDiT Sampler takes a single entry")
+    tokens, extra = cond[0]
+    if extra.get("pooled_output") is None:
+        raise ValueError(f"{name} conditioning has no pooled output: encode it with a Flux text encoder "
+                         "(DualCLIPLoader type flux + CLIPTextEncode)")
+    return Conditioning(tokens, extra["pooled_output"], extra.get("guidance"))
+
+
+class XDiTModelLoader:
+    DESCRIPTION = "Loads a Flux diffusion model onto a pool of GPU workers that run it in parallel."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                              {"tooltip": "Flux.1 transformer from models/diffusion_models (or models/unet)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16",
+                                                       "tooltip": "Compute dtype; fp8 files are upcast to it."}),
+                "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus(),
+                                 "tooltip": "How many GPUs run the model together (one worker each)."}),
+                "strategy": (list(STRATEGIES), {"default": "auto",
+                                                "tooltip": "auto: as much Ulysses as the heads allow, the rest "
+                                                           "Ring. manual: the degrees below."}),
+            },
+            "optional": {
+                "ulysses_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
+                                           "tooltip": "manual strategy: all-to-all over attention heads."}),
+                "ring_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
+                                        "tooltip": "manual strategy: K/V passed around a ring of GPUs."}),
+            },
+        }
+
+    RETURN_TYPES = ("XDIT_MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, resident in the worker pool.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus,
+                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree))
+        _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
+        return (handle,)
+
+
+class XDiTLoraLoader:
+    DESCRIPTION = "Adds a LoRA to an xDiT model; merged into the weights in the workers (chainable)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "kohya/ComfyUI, diffusers/peft "
+                                                                                "or XLabs Flux LoRA."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("XDIT_MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, lora_name, strength_model):
+        return (model.with_lora(folder_paths.get_full_path_or_raise("loras", lora_name), strength_model),)
+
+
+class XDiTSampler:
+    DESCRIPTION = "Denoises a latent with an xDiT model across the pool's GPUs (KSampler's settings and noise)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING", {"tooltip": "Used only when cfg > 1 (Flux dev needs none)."}),
+            "latent_image": ("LATENT", {"tooltip": "EmptySD3LatentImage for txt2img, VAE Encode for img2img."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "1.0 for Flux dev/schnell (guidance comes from FluxGuidance)."}),
+            "sampler_name": (list(SAMPLERS), {"default": "euler"}),
+            "scheduler": (list(SCHEDULERS), {"default": "simple"}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise):
+        samples = latent_image["samples"]
+        if samples.shape[1] == 4 and not samples.any():  # an all-zero SD latent: widen, as ComfyUI does
+            samples = torch.zeros(samples.shape[0], 16, *samples.shape[2:])
+        progress = comfy.utils.ProgressBar(steps)
+        cancel = threading.Event()
+
+        def on_progress(args, _preview):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(args["step"], args["total"])
+
+        out = _run(ENGINE.sample, model, _conditioning(positive, "positive"),
+                   _conditioning(negative, "negative") if cfg != 1.0 else None, samples, seed, steps, cfg,
+                   sampler_name, scheduler, denoise, latent_image.get("noise_mask"), latent_image.get("batch_index"),
+                   on_progress=on_progress, cancel=cancel)
+        result = latent_image.copy()
+        result["samples"] = out
+        return (result,)
+
+
+class XDiTVAELoader:
+    DESCRIPTION = "Loads a VAE (ae.safetensors and friends) into the xDiT workers."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (folder_paths.get_filename_list("vae"),),
+                             "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus()})}}
+
+    RETURN_TYPES = ("XDIT_VAE",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, vae_name, gpus):
+        handle = VaeHandle(path=folder_paths.get_full_path_or_raise("vae", vae_name), gpus=gpus)
+        _run(ENGINE.load, handle)
+        return (handle,)
+
+
+class XDiTVAEDecode:
+    DESCRIPTION = "Decodes a latent to an image in the xDiT workers."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": ("XDIT_VAE",)}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, samples, vae):
+        return (_run(ENGINE.decode, vae, samples["samples"]),)
+
+
+class XDiTVAEEncode:
+    DESCRIPTION = "Encodes an image to a latent in the xDiT workers (for img2img)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("XDIT_VAE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, pixels, vae):
+        return ({"samples": _run(ENGINE.encode, vae, pixels[..., :3])},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "XDiTModelLoader": XDiTModelLoader,
+    "XDiTLoraLoader": XDiTLoraLoader,
+    "XDiTSampler": XDiTSampler,
+    "XDiTVAELoader": XDiTVAELoader,
+    "XDiTVAEDecode": XDiTVAEDecode,
+    "XDiTVAEEncode": XDiTVAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XDiTModelLoader": "Load Diffusion Model (xDiT)",
+    "XDiTLoraLoader": "LoRA (xDiT)",
+    "XDiTSampler": "Sampler (xDiT)",
+    "XDiTVAELoader": "VAE Loader (xDiT)",
+    "XDiTVAEDecode": "VAE Decode (xDiT)",
+    "XDiTVAEEncode": "VAE Encode (xDiT)",
+}

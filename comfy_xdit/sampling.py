@@ -37,23 +37,178 @@ def flux_shift_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float =
     return base_shift + slope * (image_tokens - base_tokens)
 
 
-def flux_time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
-    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+def flux_time_shift(mu: float, t):
+    """ComfyUI's flux_time_shift(mu, 1.0, t), written with the same operations so fp32 tensors match bit for bit."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+
+
+class FluxModelSampling:
+    """ComfyUI's ModelSamplingFlux at shift `mu`: an fp32 table of 10000 sigmas, timestep(sigma) = sigma."""
+
+    def __init__(self, mu: float):
+        self.mu = mu
+        self.sigmas = self.sigma(torch.arange(1, SIGMA_TABLE_SIZE + 1, 1, dtype=torch.float32) / SIGMA_TABLE_SIZE)
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        return sigma
+
+    def sigma(self, timestep):
+        return flux_time_shift(self.mu, timestep)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return flux_time_shift(self.mu, 1.0 - percent)
 
 
 def sigma_table(mu: float) -> torch.Tensor:
-    t = torch.arange(1, SIGMA_TABLE_SIZE + 1, dtype=torch.float64) / SIGMA_TABLE_SIZE
-    return flux_time_shift(mu, t).float()  # ComfyUI keeps its table in fp32
+    return FluxModelSampling(mu).sigmas
+
+
+def _check_steps(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
 
 
 def simple_sigmas(steps: int, mu: float) -> torch.Tensor:
     """ComfyUI's "simple" scheduler: evenly spaced picks from the end of the table, then 0."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    _check_steps(steps)
     table = sigma_table(mu)
     stride = len(table) / steps
     picks = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
     return torch.tensor(picks + [0.0], dtype=torch.float32)
+
+
+def normal_sigmas(steps: int, mu: float, sgm: bool = False) -> torch.Tensor:
+    """ComfyUI's "normal" scheduler (and "sgm_uniform" with sgm=True): uniform in timestep, which for Flux is sigma."""
+    _check_steps(steps)
+    s = FluxModelSampling(mu)
+    start, end = s.timestep(s.sigma_max), s.timestep(s.sigma_min)
+    append_zero = True
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1)[:-1]
+    else:
+        # Never true for Flux (sigma(sigma_min) is far from 0); kept so the rule reads as ComfyUI's.
+        if math.isclose(float(s.sigma(end)), 0, abs_tol=0.00001):
+            steps += 1
+            append_zero = False
+        timesteps = torch.linspace(start, end, steps)
+    sigmas = [float(s.sigma(t)) for t in timesteps]
+    if append_zero:
+        sigmas.append(0.0)
+    return torch.tensor(sigmas, dtype=torch.float32)
+
+
+def _betainc_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((a - 1.0 + m2) * (a + m2)),
+                   -(a + m) * (a + b + m) * x / ((a + m2) * (a + 1.0 + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float, log_beta: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - log_beta)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betainc_cf(a, b, x) / a
+    return 1.0 - front * _betainc_cf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """Inverse CDF of the Beta(a, b) distribution (scipy.stats.beta.ppf) in float64, without scipy."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    if a == b and p == 0.5:
+        return 0.5  # exact median of a symmetric beta; 0.5 * 9999 sits on a rounding tie
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    lo, hi, x = 0.0, 1.0, p
+    for _ in range(200):
+        f = _betainc(a, b, x, log_beta) - p
+        if f == 0.0:
+            return x
+        if f < 0.0:
+            lo = x
+        else:
+            hi = x
+        # Newton on the CDF, falling back to bisection whenever the step leaves the bracket.
+        density = math.exp((a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x) - log_beta)
+        nxt = x - f / density
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if abs(nxt - x) <= 1e-17 + 2e-16 * x or nxt == x:
+            return nxt
+        x = nxt
+    return x
+
+
+def beta_sigmas(steps: int, mu: float, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """ComfyUI's "beta" scheduler: table entries at rint(beta.ppf(1 - i/steps) * 9999), repeats dropped, then 0."""
+    _check_steps(steps)
+    table = sigma_table(mu)
+    total = len(table) - 1
+    sigmas, last = [], -1
+    for i in range(steps):
+        p = 1.0 - i * (1.0 / steps)  # numpy.linspace(0, 1, steps, endpoint=False), element by element
+        t = round(beta_ppf(p, alpha, beta) * total)  # round() is half-to-even like numpy.rint
+        if t != last:
+            sigmas.append(float(table[t]))
+        last = t
+    return torch.tensor(sigmas + [0.0], dtype=torch.float32)
+
+
+_SCHEDULER_FNS = {
+    "simple": simple_sigmas,
+    "normal": normal_sigmas,
+    "sgm_uniform": lambda steps, mu: normal_sigmas(steps, mu, sgm=True),
+    "beta": beta_sigmas,
+}
+SCHEDULERS = tuple(_SCHEDULER_FNS)
+
+
+def make_sigmas(scheduler: str, steps: int, mu: float) -> torch.Tensor:
+    """A full schedule, as ComfyUI's calculate_sigmas gives it for Flux: fp32, ending in 0."""
+    if scheduler not in _SCHEDULER_FNS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    return _SCHEDULER_FNS[scheduler](steps, mu)
+
+
+def ksampler_sigmas(scheduler: str, steps: int, mu: float, denoise: float | None = 1.0) -> torch.Tensor:
+    """ComfyUI's KSampler.set_steps: denoise d < 1 schedules int(steps / d) steps and keeps the last steps + 1."""
+    if denoise is None or denoise > 0.9999:
+        return make_sigmas(scheduler, steps, mu)
+    if denoise <= 0.0:
+        make_sigmas(scheduler, 1, mu)  # still reject an unknown scheduler name
+        return torch.zeros(0, dtype=torch.float32)
+    return make_sigmas(scheduler, int(steps / denoise), mu)[-(steps + 1):]
 
 
 def prepare_noise(shape: tuple[int, ...], seed: int, batch_index: list[int] | None = None) -> torch.Tensor:
@@ -76,45 +231,132 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 def sample_euler(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor,
                  callback: StepCallback | None = None) -> torch.Tensor:
-    """Euler on the flow ODE. denoise(x, sigma) returns the x0 prediction; the state stays fp32."""
+    """k-diffusion's Euler as ComfyUI runs it. denoise(x, sigma) returns the x0 prediction; the state stays fp32."""
     x = x.float()
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma).float()
-        x = x + (sigma_next - sigma) * (x - denoised) / sigma
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    total = len(sigmas) - 1
+    for i in range(total):
+        denoised = denoise(x, float(sigmas[i])).float()
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
         if callback is not None:
-            callback(i + 1, len(sigmas) - 1, denoised)
+            callback(i + 1, total, denoised)
     return x
 
 
-def noise_latent(latent_model: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Flow matching: x_t = sigma * noise + (1 - sigma) * x0."""
+def sample_dpmpp_2m(denoise: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor,
+                    callback: StepCallback | None = None) -> torch.Tensor:
+    """k-diffusion's DPM-Solver++(2M) as ComfyUI runs it, in t = -log(sigma) with fp32 sigmas."""
+    x = x.float()
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    total = len(sigmas) - 1
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    old_denoised = None
+    for i in range(total):
+        denoised = denoise(x, float(sigmas[i])).float()
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t  # inf on the last step (sigma 0): the update then returns denoised exactly
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+        if callback is not None:
+            callback(i + 1, total, denoised)
+    return x
+
+
+_SAMPLER_FNS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS = tuple(_SAMPLER_FNS)
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """fn(denoise, x, sigmas, callback) -> x for a ComfyUI sampler name."""
+    if name not in _SAMPLER_FNS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return _SAMPLER_FNS[name]
+
+
+def noise_latent(latent_model: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """Flow matching (ComfyUI's CONST.noise_scaling): x_t = sigma * noise + (1 - sigma) * x0."""
     return sigma * noise + (1.0 - sigma) * latent_model
+
+
+def prepare_mask(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """ComfyUI's reshape_mask for image latents: bilinear to the latent size, repeated over channels and batch."""
+    b, c, h, w = shape
+    mask = noise_mask.float().reshape(-1, 1, noise_mask.shape[-2], noise_mask.shape[-1])
+    mask = torch.nn.functional.interpolate(mask, size=(h, w), mode="bilinear")
+    if mask.shape[1] < c:
+        mask = mask.repeat(1, c, 1, 1)[:, :c]
+    if mask.shape[0] > b:
+        return mask.narrow(0, 0, b)
+    if mask.shape[0] < b:
+        return mask.repeat(math.ceil(b / mask.shape[0]), 1, 1, 1).narrow(0, 0, b)
+    return mask
+
+
+def inpaint_denoiser(denoise: DenoiseFn, mask: torch.Tensor, noise: torch.Tensor,
+                     latent_model: torch.Tensor) -> DenoiseFn:
+    """ComfyUI's KSamplerX0Inpaint: outside the mask the model sees, and returns, the re-noised original."""
+    latent_mask = 1.0 - mask
+
+    def masked(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        x = x * mask + noise_latent(latent_model, noise, sigma) * latent_mask
+        return denoise(x, sigma) * mask + latent_model * latent_mask
+
+    return masked
 
 
 def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Tensor, seed: int, steps: int,
            guidance: float | None = None, cfg: float = 1.0, negative: tuple | None = None,
-           batch_index: list[int] | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Text-to-image from a VAE-space LATENT; returns the VAE-space result (ComfyUI's LATENT samples).
+           batch_index: list[int] | None = None, callback: StepCallback | None = None,
+           sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
+           noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI's KSampler on a VAE-space LATENT; returns the VAE-space result (ComfyUI's LATENT samples).
 
     `model` is a model adapter: latent_format, check_latent, time_shift_mu, denoiser.
     cfg > 1 runs `negative` = (context, pooled) and combines the x0 predictions as ComfyUI's CFG does.
+    denoise < 1 starts from the noised `latent` part-way down the schedule (img2img); `noise_mask`
+    (LATENT's "noise_mask", 1 = repaint) keeps the rest of `latent`.
     """
+    run = get_sampler(sampler_name)
     shape = tuple(latent.shape)
     model.check_latent(shape)
-    sigmas = simple_sigmas(steps, model.time_shift_mu(shape))
-    noise = prepare_noise(shape, seed, batch_index)
-    x = noise_latent(model.latent_format.to_model(latent.float()), noise, float(sigmas[0]))
+    sigmas = ksampler_sigmas(scheduler, steps, model.time_shift_mu(shape), denoise)
+    if len(sigmas) == 0:
+        return latent.clone()  # ComfyUI hands back the input latent when denoise is 0
+    # Noise is drawn on the CPU (ComfyUI's rule), then the whole loop stays on the model's device:
+    # no host round trip per step.
+    device = getattr(model, "device", latent.device)
+    noise = prepare_noise(shape, seed, batch_index).to(device)
+    latent_model = latent.float().to(device)
+    if torch.count_nonzero(latent_model) > 0:  # ComfyUI leaves an all-zero (empty) latent unshifted
+        latent_model = model.latent_format.to_model(latent_model)
+    x = noise_latent(latent_model, noise, sigmas[0])
     cond = model.denoiser(context, pooled, guidance, shape)
-    if cfg == 1.0:
-        denoise = cond
+    if math.isclose(cfg, 1.0):
+        denoise_fn = cond
     else:
         if negative is None:
             raise ValueError(f"cfg {cfg} needs a negative conditioning")
         uncond = model.denoiser(negative[0], negative[1], guidance, shape)
 
-        def denoise(x, sigma):
+        def denoise_fn(x, sigma):
             u = uncond(x, sigma)
-            return u + cfg * (cond(x, sigma) - u)
+            return u + (cond(x, sigma) - u) * cfg
 
-    return model.latent_format.from_model(sample_euler(denoise, x, sigmas, callback))
+    if noise_mask is not None:
+        denoise_fn = inpaint_denoiser(denoise_fn, prepare_mask(noise_mask, shape).to(device), noise, latent_model)
+    x = run(denoise_fn, x, sigmas, callback)
+    x = x / (1.0 - sigmas[-1])  # CONST.inverse_noise_scaling; the last sigma is 0, so exact
+    return model.latent_format.from_model(x)

@@ -17,7 +17,9 @@ from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
 from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
-from comfy_xdit.sampling import sample
+from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
+from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
+from comfy_xdit.vae import loader as vae_loader
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
@@ -46,6 +48,9 @@ class WorkerState:
         self.cancel_requested = threading.Event()  # set by rank 0's socket reader
         self.current_request = -1
         self.models: dict[str, FluxModel] = {}
+        self.mergers: dict[str, LoraMerger] = {}
+        self.loras: dict[tuple, object] = {}   # (path, mtime) -> parsed LoRA, so strength changes never re-read
+        self.vaes: dict[str, object] = {}
         self.meshes: dict[ParallelConfig, ParallelMesh] = {}
         me = dict(rank=self.rank, pid=os.getpid(), host=socket.gethostname(), device=str(device))
         if device.type == "cuda":
@@ -57,12 +62,19 @@ class WorkerState:
     # --- rank 0 only -------------------------------------------------------------------
     def describe(self) -> dict:
         return dict(world_size=self.world_size, device=self.device.type, ranks=self.ranks,
-                    models=[dict(key=k, parallel=m.mesh.config.as_dict(), variant=m.variant)
-                            for k, m in self.models.items()])
+                    models=[dict(key=k, parallel=m.mesh.config.as_dict(), variant=m.variant,
+                                 loras=self._lora_names(k))
+                            for k, m in self.models.items()],
+                    vaes=list(self.vaes))
+
+    def _lora_names(self, key: str) -> list:
+        merger = self.mergers.get(key)
+        return [[os.path.basename(path), strength] for (path, _), _, strength in (merger.current() if merger else [])]
 
     def validate(self, msg: dict, tensors: dict) -> None:
         kind, args = msg["type"], msg.get("args", {})
         if kind == "load_model":
+            _require(args.get("kind", "flux") in ("flux", "vae"), "load_model kind must be 'flux' or 'vae'")
             path = args.get("path")
             _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
             _require(args.get("dtype", "bf16") in DTYPES, f"dtype must be one of {sorted(DTYPES)}")
@@ -77,8 +89,17 @@ class WorkerState:
                 _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
             _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
             _require(isinstance(args.get("seed"), int), "seed must be an integer")
+            _require(args.get("sampler_name", "euler") in SAMPLERS, f"sampler_name must be one of {list(SAMPLERS)}")
+            _require(args.get("scheduler", "simple") in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")
+            _require(0.0 < float(args.get("denoise", 1.0)) <= 1.0, "denoise must be in (0, 1]")
+            for path, _strength in args.get("loras") or []:
+                _require(os.path.isfile(path), f"LoRA file not found: {path!r}")
             if args.get("fail_on_rank") is not None:
                 _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
+        elif kind in ("decode", "encode"):
+            _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
+            name, ndim = ("samples", 4) if kind == "decode" else ("images", 4)
+            _require(name in tensors and tensors[name].dim() == ndim, f"{kind} needs a {ndim}-d '{name}' tensor")
         elif kind not in ("status", "unload_model", "shutdown"):
             raise RequestError(f"request type {kind!r} is not supported by this worker yet", kind="unsupported")
 
@@ -93,6 +114,8 @@ class WorkerState:
             return self._unload(args.get("model_key")), {}
         if kind == "sample":
             return self._sample(args, tensors, progress)
+        if kind in ("decode", "encode"):
+            return self._vae(kind, args, tensors)
         raise RequestError(f"request type {kind!r} is not supported", kind="unsupported")
 
     def _mesh(self, config: ParallelConfig) -> ParallelMesh:
@@ -101,6 +124,8 @@ class WorkerState:
         return self.meshes[config]
 
     def _load_model(self, args: dict) -> dict:
+        if args.get("kind") == "vae":
+            return self._load_vae(args)
         dtype = args.get("dtype", "bf16")
         key = f"{os.path.abspath(args['path'])}|{dtype}|{args.get('attention_kernel') or 'default'}"
         if key not in self.models:
@@ -123,10 +148,49 @@ class WorkerState:
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
 
+    def _load_vae(self, args: dict) -> dict:
+        dtype = args.get("dtype", "fp32")
+        key = f"vae|{os.path.abspath(args['path'])}|{dtype}"
+        if key not in self.vaes:
+            try:
+                self.vaes[key] = vae_loader.load_vae(args["path"], dtype=DTYPES[dtype], device=self.device)
+            except CheckpointError as e:
+                raise RequestError(str(e)) from e
+        return dict(model_key=key, latent_channels=self.vaes[key][1].latent_channels)
+
+    def _vae(self, kind: str, args: dict, tensors: dict) -> tuple[dict, dict]:
+        """One rank decodes/encodes until the patch-parallel VAE lands; the others wait for the next request."""
+        if self.rank != 0:
+            return {}, {}
+        vae, info = self.vaes[args["vae_key"]]
+        with torch.inference_mode():
+            if kind == "decode":
+                samples = tensors["samples"]
+                _require(samples.shape[1] == info.latent_channels,
+                         f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
+                return {}, {"images": vae_loader.decode(vae, samples).float().cpu()}
+            return {}, {"samples": vae_loader.encode(vae, tensors["images"]).float().cpu()}
+
+    def _apply_loras(self, key: str, loras: list) -> None:
+        model = self.models[key]
+        parsed = []
+        for path, strength in loras:
+            lora_id = (os.path.abspath(path), os.path.getmtime(path))
+            if lora_id not in self.loras:
+                shapes = {k: v.shape for k, v in model.transformer.state_dict().items()}
+                try:
+                    self.loras[lora_id] = load_flux_lora(path, shapes)
+                except (LoraError, CheckpointError) as e:  # same file, same verdict on every rank
+                    raise RequestError(str(e)) from e
+            parsed.append((lora_id, self.loras[lora_id], float(strength)))
+        self.mergers.setdefault(key, LoraMerger(model.transformer)).set_loras(parsed)
+
     def _unload(self, key: str | None) -> dict:
-        keys = list(self.models) if key is None else [key]
+        keys = list(self.models) + list(self.vaes) if key is None else [key]
         for k in keys:
             self.models.pop(k, None)
+            self.mergers.pop(k, None)
+            self.vaes.pop(k, None)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -151,6 +215,7 @@ class WorkerState:
             raise RequestError(str(e)) from e
         start, deadline = time.time(), args.get("deadline")
         negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
+        self._apply_loras(args["model_key"], args.get("loras") or [])
 
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if args.get("fail_on_rank") == self.rank and step == args.get("fail_at_step", 1):
@@ -162,5 +227,7 @@ class WorkerState:
         self._step_sync(deadline)
         samples = sample(model, tensors["context"], tensors["pooled"], tensors["latent"], seed=args["seed"],
                          steps=args["steps"], guidance=args.get("guidance"), cfg=float(args.get("cfg", 1.0)),
-                         negative=negative, batch_index=args.get("batch_index"), callback=on_step)
+                         negative=negative, batch_index=args.get("batch_index"), callback=on_step,
+                         sampler_name=args.get("sampler_name", "euler"), scheduler=args.get("scheduler", "simple"),
+                         denoise=float(args.get("denoise", 1.0)), noise_mask=tensors.get("noise_mask"))
         return dict(elapsed=time.time() - start), {"samples": samples.float().cpu()}

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from comfy_xdit.sampling import (LatentFormat, flux_shift_mu, prepare_noise, sample_euler, simple_sigmas)
+from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, LatentFormat, beta_ppf, flux_shift_mu, get_sampler,
+                                 ksampler_sigmas, make_sigmas, prepare_mask, prepare_noise, sample, sample_dpmpp_2m,
+                                 sample_euler, simple_sigmas)
 
 
 def test_simple_schedule_matches_comfyui_1024px_4_steps():
@@ -56,3 +58,166 @@ def test_euler_integrates_a_linear_flow_exactly():
     out = sample_euler(lambda x, s: x0, noise, sigmas, callback=lambda i, n, d: seen.append((i, n)))
     assert torch.allclose(out, x0, atol=1e-5)
     assert seen == [(i, 5) for i in range(1, 6)]
+
+
+def test_scheduler_and_sampler_names():
+    assert SCHEDULERS == ("simple", "normal", "sgm_uniform", "beta")
+    assert SAMPLERS == ("euler", "dpmpp_2m")
+    assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
+    with pytest.raises(ValueError, match="simple, normal, sgm_uniform, beta"):
+        make_sigmas("karras", 4, 1.0)
+    with pytest.raises(ValueError, match="euler, dpmpp_2m"):
+        get_sampler("heun")
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("steps", [1, 2, 5, 28, 100])
+def test_every_schedule_starts_at_1_ends_at_0_and_decreases(scheduler, steps):
+    sigmas = make_sigmas(scheduler, steps, 1.15)
+    assert sigmas.dtype == torch.float32
+    assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    assert torch.all(sigmas[1:] < sigmas[:-1])
+    # beta drops repeated table picks, so it may come out shorter
+    assert len(sigmas) == steps + 1 or (scheduler == "beta" and len(sigmas) <= steps + 1)
+
+
+def test_normal_shifts_linearly_spaced_sigmas_again():
+    # ComfyUI's normal scheduler spaces timesteps evenly and Flux's timestep is sigma, so each
+    # value is sigma(t) of an evenly spaced t from 1 to the table's smallest sigma.
+    mu, steps = 1.15, 5
+    smallest = math.exp(mu) / (math.exp(mu) + 1 / 1e-4 - 1)
+    ts = torch.linspace(1.0, smallest, steps).double()
+    expected = math.exp(mu) / (math.exp(mu) + 1 / ts - 1)
+    assert make_sigmas("normal", steps, mu)[:-1].double().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    sgm = make_sigmas("sgm_uniform", steps, mu)
+    assert len(sgm) == steps + 1 and float(sgm[-2]) > float(make_sigmas("normal", steps, mu)[-2])
+
+
+def test_beta_ppf_matches_scipy():
+    # reference values from scipy.stats.beta.ppf
+    cases = {(0.1, 0.6, 0.6): 0.03958440558878085, (0.25, 0.6, 0.6): 0.17568037865269498,
+             (0.75, 0.6, 0.6): 0.824319621347305, (0.9, 0.6, 0.6): 0.9604155944112192,
+             (1e-4, 0.6, 0.6): 3.998377158137721e-07, (0.9999, 0.6, 0.6): 0.9999996001622842,
+             (0.3, 2.0, 0.5): 0.7386793743590722, (0.8, 0.6, 1.5): 0.5243952841380912}
+    for (p, a, b), expected in cases.items():
+        assert beta_ppf(p, a, b) == pytest.approx(expected, rel=1e-9, abs=1e-14)
+    assert beta_ppf(0.5, 0.6, 0.6) == 0.5 and beta_ppf(0.0, 0.6, 0.6) == 0.0 and beta_ppf(1.0, 0.6, 0.6) == 1.0
+
+
+def test_beta_schedule_at_an_even_step_count_takes_the_median_entry():
+    # 0.5 * 9999 = 4999.5 rounds half-to-even to 5000 (scipy's ppf(0.5) is 0.5 or one ulp above)
+    table_mid = math.exp(1.0) / (math.exp(1.0) + 1 / 0.5001 - 1)
+    assert float(make_sigmas("beta", 2, 1.0)[1]) == pytest.approx(table_mid, rel=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_denoise_keeps_the_tail_of_a_longer_schedule(scheduler):
+    full = make_sigmas(scheduler, int(20 / 0.6), 1.15)
+    assert torch.equal(ksampler_sigmas(scheduler, 20, 1.15, 0.6), full[-21:])
+    assert torch.equal(ksampler_sigmas(scheduler, 20, 1.15, 0.99995), make_sigmas(scheduler, 20, 1.15))
+    assert len(ksampler_sigmas(scheduler, 20, 1.15, 0.0)) == 0
+
+
+def test_dpmpp_2m_integrates_a_linear_flow_exactly():
+    x0, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    seen = []
+    out = sample_dpmpp_2m(lambda x, s: x0, noise, make_sigmas("beta", 6, 1.0),
+                          callback=lambda i, n, d: seen.append((i, n)))
+    assert torch.allclose(out, x0, atol=1e-5)
+    assert seen == [(i, 6) for i in range(1, 7)]
+
+
+def test_dpmpp_2m_last_step_returns_the_denoised_prediction():
+    x = torch.randn(1, 4, 2, 2)
+    target = torch.randn(1, 4, 2, 2)
+    out = sample_dpmpp_2m(lambda x, s: target, x, torch.tensor([1.0, 0.0]))
+    assert torch.equal(out, target)
+
+
+def test_prepare_mask_resizes_and_repeats_like_comfyui():
+    pixel = torch.zeros(1, 1, 16, 24)
+    pixel[..., :, 12:] = 1.0
+    mask = prepare_mask(pixel, (2, 16, 2, 3))
+    assert mask.shape == (2, 16, 2, 3)
+    assert torch.equal(mask[0, 0], torch.nn.functional.interpolate(pixel, size=(2, 3), mode="bilinear")[0, 0])
+    assert torch.equal(mask[1], mask[0]) and torch.equal(mask[0, 15], mask[0, 0])
+    assert torch.equal(prepare_mask(torch.ones(4, 6), (1, 16, 4, 6)), torch.ones(1, 16, 4, 6))
+    assert prepare_mask(torch.ones(3, 1, 4, 6), (2, 16, 4, 6)).shape == (2, 16, 4, 6)
+
+
+class _ToyFlux:
+    latent_format = LatentFormat(16, 0.3611, 0.1159)
+
+    def __init__(self):
+        self.seen = []
+
+    def check_latent(self, shape):
+        pass
+
+    def time_shift_mu(self, shape):
+        return 1.15
+
+    def denoiser(self, context, pooled, guidance, shape):
+        def denoise(x, sigma):
+            self.seen.append((x.clone(), sigma))
+            # the mean term couples positions, so what is kept steers what is repainted
+            return 0.7 * x - 0.1 * torch.sin(3 * x) + 0.2 * x.mean(dim=(2, 3), keepdim=True)
+        return denoise
+
+
+def _latent():
+    return torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_mask_of_zeros_keeps_the_input_latent(sampler_name):
+    latent = _latent()
+    out = sample(_ToyFlux(), None, None, latent, 3, 6, sampler_name=sampler_name, scheduler="beta",
+                 denoise=0.7, noise_mask=torch.zeros(1, 1, 32, 48))
+    torch.testing.assert_close(out, latent, rtol=0, atol=2e-6)  # exact up to the fp32 round trip
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_mask_of_ones_equals_the_unmasked_run(sampler_name):
+    latent = _latent()
+    kw = dict(sampler_name=sampler_name, scheduler="normal", denoise=0.6)
+    plain = sample(_ToyFlux(), None, None, latent, 3, 5, **kw)
+    masked = sample(_ToyFlux(), None, None, latent, 3, 5, noise_mask=torch.ones(4, 6), **kw)
+    assert torch.equal(plain, masked)
+
+
+def test_half_mask_repaints_only_the_masked_side():
+    latent = _latent()
+    mask = torch.zeros(4, 6)
+    mask[:, 3:] = 1.0
+    out = sample(_ToyFlux(), None, None, latent, 3, 4, noise_mask=mask)
+    plain = sample(_ToyFlux(), None, None, latent, 3, 4)
+    torch.testing.assert_close(out[..., :3], latent[..., :3], rtol=0, atol=2e-6)
+    assert not torch.allclose(out[..., 3:], latent[..., 3:]) and not torch.allclose(out[..., 3:], plain[..., 3:])
+
+
+def test_img2img_starts_from_the_noised_latent():
+    latent, model = _latent(), _ToyFlux()
+    sample(model, None, None, latent, 9, 4, denoise=0.6)
+    sigmas = ksampler_sigmas("simple", 4, 1.15, 0.6)
+    noise = prepare_noise(tuple(latent.shape), 9)
+    start = sigmas[0] * noise + (1.0 - sigmas[0]) * model.latent_format.to_model(latent)
+    assert len(model.seen) == 4 and model.seen[0][1] == float(sigmas[0]) < 1.0
+    assert torch.equal(model.seen[0][0], start)
+
+
+def test_empty_latent_is_not_shifted_into_model_space():
+    # ComfyUI skips process_latent_in for an all-zero latent, so kept regions come back as the shift.
+    out = sample(_ToyFlux(), None, None, torch.zeros(1, 16, 4, 6), 3, 4, denoise=0.5,
+                 noise_mask=torch.zeros(4, 6))
+    torch.testing.assert_close(out, torch.full_like(out, 0.1159), rtol=0, atol=2e-6)
+
+
+def test_denoise_zero_returns_the_input_and_unknown_names_raise():
+    latent = _latent()
+    out = sample(_ToyFlux(), None, None, latent, 3, 4, denoise=0.0)
+    assert torch.equal(out, latent) and out is not latent
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(_ToyFlux(), None, None, latent, 3, 4, sampler_name="lms")
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sample(_ToyFlux(), None, None, latent, 3, 4, scheduler="karras")

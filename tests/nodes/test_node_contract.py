@@ -1,0 +1,100 @@
+"""Every node's declaration against the rules ComfyUI applies when it registers and validates nodes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import fake_comfy
+
+ALLOWED_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "CONDITIONING", "LATENT", "IMAGE", "XDIT_MODEL", "XDIT_VAE",
+                 "XDIT_CONTROLNET"}
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    for sub, name in (("diffusion_models", "flux_a.safetensors"), ("unet", "flux_b.safetensors"),
+                      ("loras", "style.safetensors"), ("vae", "ae.safetensors")):
+        os.makedirs(models / sub, exist_ok=True)
+        (models / sub / name).write_bytes(b"")
+    fake_comfy.install(str(models))
+    yield fake_comfy.load_pack()
+    fake_comfy.uninstall()
+
+
+def _check_input(node, name, spec):
+    assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (node, name)
+    kind, options = spec[0], (spec[1] if len(spec) == 2 else {})
+    assert isinstance(options, dict), (node, name)
+    if isinstance(kind, list):  # a combo: every default must be one of its values
+        assert all(isinstance(v, str) for v in kind), (node, name)
+        if "default" in options:
+            assert options["default"] in kind, (node, name)
+        return
+    assert kind in ALLOWED_TYPES, (node, name, kind)
+    if kind in ("INT", "FLOAT"):
+        lo, hi = options.get("min", float("-inf")), options.get("max", float("inf"))
+        assert lo <= options.get("default", lo) <= hi, (node, name)
+        if kind == "INT":
+            assert all(isinstance(options[k], int) for k in ("default", "min", "max") if k in options), (node, name)
+
+
+def test_every_node_is_well_formed(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    assert pack.WEB_DIRECTORY == "./web"
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional", "hidden"} and "required" in inputs, name
+        for section in ("required", "optional"):
+            for input_name, spec in inputs.get(section, {}).items():
+                _check_input(name, input_name, spec)
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(t in ALLOWED_TYPES for t in cls.RETURN_TYPES), name
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert cls.CATEGORY == "xDiT" and cls.DESCRIPTION, name
+        # the node function takes exactly the declared inputs (ComfyUI passes them by name)
+        import inspect
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        declared = set(inputs["required"]) | set(inputs.get("optional", {}))
+        assert set(params) - {"self"} == declared, name
+        optional = set(inputs.get("optional", {}))
+        assert all(params[p].default is not inspect.Parameter.empty for p in optional), name
+
+
+def test_combo_lists_come_from_the_model_folders(pack):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    assert nodes["XDiTModelLoader"].INPUT_TYPES()["required"]["unet_name"][0] == ["flux_a.safetensors",
+                                                                                  "flux_b.safetensors"]
+    assert nodes["XDiTLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0] == ["style.safetensors"]
+    assert nodes["XDiTVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["ae.safetensors"]
+    sampler = nodes["XDiTSampler"].INPUT_TYPES()["required"]
+    assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][0])
+    assert {"simple", "normal", "sgm_uniform", "beta"} <= set(sampler["scheduler"][0])
+
+
+def test_lora_loader_chains_without_touching_the_pool(pack):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    client = pack.nodes.ModelHandle
+    base = client(path="/m/flux.safetensors", gpus=2)
+    (one,) = nodes["XDiTLoraLoader"]().apply(base, "style.safetensors", 0.8)
+    (two,) = nodes["XDiTLoraLoader"]().apply(one, "style.safetensors", -0.5)
+    assert base.loras == () and [s for _, s in two.loras] == [0.8, -0.5]
+    assert two.path == base.path and hash(two) != hash(one)
+
+
+def test_manual_strategy_must_multiply_to_the_gpu_count(pack):
+    with pytest.raises(ValueError, match=r"ulysses_degree 2 x ring_degree 2 = 4, but 2 GPUs were asked for"):
+        pack.nodes._parallel("manual", 2, 2, 2)
+    assert pack.nodes._parallel("manual", 4, 2, 2) == (("ring_degree", 2), ("ulysses_degree", 2))
+    assert pack.nodes._parallel("auto", 4, 1, 1) == ()
+
+
+def test_missing_file_and_bad_conditioning_fail_clearly(pack):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        nodes["XDiTModelLoader"]().load("missing.safetensors", "bf16", 1, "auto")
+    with pytest.raises(ValueError, match="no pooled output"):
+        pack.nodes._conditioning([[object(), {}]], "positive")
+    with pytest.raises(ValueError, match="takes a single entry"):
+        pack.nodes._conditioning([[1, {"pooled_output": 1}], [2, {"pooled_output": 2}]], "positive")
