@@ -1,0 +1,150 @@
+"""The nodes end to end on real CPU worker pools: files in a models folder in the real formats,
+conditioning -> sampler -> latent -> VAE decode -> IMAGE, compared across rank counts and with
+references computed here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+import fake_comfy
+from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux_checkpoint import diffusers_to_bfl, write_flux_checkpoint
+from comfy_xdit.models.flux_random import flux_config, random_flux
+from comfy_xdit.sampling import sample
+from comfy_xdit.vae.loader import write_vae_checkpoint
+
+STEPS = 3
+LORA_RANK = 4
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    for sub in ("diffusion_models", "vae", "loras"):
+        os.makedirs(models / sub)
+    transformer = random_flux(flux_config("tiny"), seed=11)
+    write_flux_checkpoint(transformer, models / "diffusion_models" / "flux_tiny.safetensors", layout="comfy")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False).eval()
+    write_vae_checkpoint(vae, models / "vae" / "ae_tiny.safetensors", layout="ldm")
+    # A kohya LoRA on the first double block's fused image qkv (BFL name), with alpha.
+    g = torch.Generator().manual_seed(5)
+    qkv = diffusers_to_bfl(transformer.state_dict())["double_blocks.0.img_attn.qkv.weight"]
+    down = torch.randn(LORA_RANK, qkv.shape[1], generator=g) * 0.5
+    up = torch.randn(qkv.shape[0], LORA_RANK, generator=g) * 0.5
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)},
+              str(models / "loras" / "style.safetensors"))
+    state = fake_comfy.install(str(models))
+    pack = fake_comfy.load_pack()
+    yield pack, state, models, (down, up, 2.0 / LORA_RANK)
+    pack.nodes.ENGINE.shutdown()
+    fake_comfy.uninstall()
+
+
+def _conditioning(seed=0, text=7):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, text, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
+                                                     "guidance": 3.0}]]
+
+
+def _latent(h=8, w=12, batch=1):
+    return {"samples": torch.zeros(batch, 16, h, w)}  # EmptySD3LatentImage
+
+
+def _run(pack, gpus, lora_strength=None, latent=None, seed=3):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    (model,) = nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", gpus, "auto")
+    if lora_strength is not None:
+        (model,) = nodes["XDiTLoraLoader"]().apply(model, "style.safetensors", lora_strength)
+    (out,) = nodes["XDiTSampler"]().sample(model, _conditioning(), _conditioning(1), latent or _latent(), seed, STEPS,
+                                           1.0, "euler", "simple", 1.0)
+    return out
+
+
+def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
+    pack, state, models, _ = env
+    nodes = pack.NODE_CLASS_MAPPINGS
+    two = _run(pack, 2)
+    (vae,) = nodes["XDiTVAELoader"]().load("ae_tiny.safetensors", 2)
+    (image,) = nodes["XDiTVAEDecode"]().decode(two, vae)
+    assert image.shape == (1, 64, 96, 3) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
+    assert state.progress[-STEPS:] == [(1, STEPS), (2, STEPS), (3, STEPS)]
+    one = _run(pack, 1)
+    assert _rel(two["samples"], one["samples"]) <= 1e-4
+    # the reference: the same file sampled in this process
+    model = FluxModel.load(str(models / "diffusion_models" / "flux_tiny.safetensors"), dtype=torch.float32)
+    cond = _conditioning()[0]
+    ref = sample(model, cond[0], cond[1]["pooled_output"], _latent()["samples"], seed=3, steps=STEPS, guidance=3.0)
+    assert _rel(two["samples"], ref) <= 1e-4
+    # img2img: VAE Encode -> sampler with denoise < 1 keeps the latent's shape and runs fewer steps
+    (encoded,) = nodes["XDiTVAEEncode"]().encode(image, vae)
+    assert encoded["samples"].shape == (1, 16, 8, 12)
+
+
+def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):
+    pack, _, models, (down, up, scale) = env
+    base = _run(pack, 2)["samples"]
+    assert torch.equal(_run(pack, 2, lora_strength=0.0)["samples"], base)
+    merged = _run(pack, 2, lora_strength=1.0)["samples"]
+    model = FluxModel.load(str(models / "diffusion_models" / "flux_tiny.safetensors"), dtype=torch.float32)
+    delta = scale * up @ down  # fused qkv rows: q, k, v
+    attn = model.transformer.transformer_blocks[0].attn
+    with torch.no_grad():
+        for i, linear in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+            linear.weight += delta[i * linear.weight.shape[0]:(i + 1) * linear.weight.shape[0]]
+    cond = _conditioning()[0]
+    ref = sample(model, cond[0], cond[1]["pooled_output"], _latent()["samples"], seed=3, steps=STEPS, guidance=3.0)
+    assert _rel(merged, ref) <= 1e-4 and _rel(merged, base) > 1e-3
+    assert torch.equal(_run(pack, 2)["samples"], base)  # removing the LoRA restores the base exactly
+
+
+def test_cancel_mid_run_then_a_normal_run(env):
+    pack, state, _, _ = env
+    nodes = pack.NODE_CLASS_MAPPINGS
+    (model,) = nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", 2, "auto")
+    progress_bar = pack.nodes.comfy.utils.ProgressBar
+    original = progress_bar.update_absolute
+
+    def interrupt_at_two(self, value, total=None, preview=None):
+        original(self, value, total, preview)
+        if value == 2:
+            state.interrupted = True
+
+    progress_bar.update_absolute = interrupt_at_two
+    try:
+        with pytest.raises(fake_comfy.InterruptProcessingException):
+            nodes["XDiTSampler"]().sample(model, _conditioning(), _conditioning(1), _latent(), 0, 500, 1.0, "euler",
+                                          "simple", 1.0)
+    finally:
+        progress_bar.update_absolute = original
+    assert state.progress[-1][0] < 10  # stopped within a step or two, not after 500
+    out = _run(pack, 2)
+    assert out["samples"].shape == (1, 16, 8, 12)
+
+
+def test_bad_inputs_give_clear_errors(env):
+    pack, _, _, _ = env
+    nodes = pack.NODE_CLASS_MAPPINGS
+    (model,) = nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", 2, "auto")
+    with pytest.raises(RuntimeError, match="multiples of 16 px"):
+        nodes["XDiTSampler"]().sample(model, _conditioning(), _conditioning(1), _latent(h=7), 0, 2, 1.0, "euler",
+                                      "simple", 1.0)
+    too_many = pack.nodes.available_devices()[1] + 1
+    with pytest.raises(ValueError, match=f"asked for {too_many} GPUs but"):
+        nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", too_many, "auto")
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        nodes["XDiTModelLoader"]().load("nothing.safetensors", "fp32", 2, "auto")
