@@ -1,0 +1,99 @@
+"""Writes example_workflows/: each Flux workflow in ComfyUI's UI format (for the template
+browser and drag-and-drop) and in API format (for POST /prompt), from one description so
+the two never drift apart.
+
+    python scripts/make_example_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+
+# node id -> (class, widget values in widget order, {input name: (source id, output slot, type)}, outputs)
+# Widget order is the order of a node's widget inputs; a seed with control_after_generate
+# carries its control value ("fixed") right after it in the UI format only.
+TXT2IMG = {
+    1: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                           "type": "flux", "device": "default"}, {}, [("CLIP", "CLIP")]),
+    2: ("CLIPTextEncode", {"text": "a red fox in a snowy forest at dawn, photograph"},
+        {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    3: ("FluxGuidance", {"guidance": 3.5}, {"conditioning": (2, 0, "CONDITIONING")},
+        [("CONDITIONING", "CONDITIONING")]),
+    4: ("CLIPTextEncode", {"text": ""}, {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    5: ("XDiTModelLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "bf16", "gpus": 2,
+                            "strategy": "auto", "ulysses_degree": 1, "ring_degree": 1}, {},
+        [("XDIT_MODEL", "XDIT_MODEL")]),
+    6: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, [("LATENT", "LATENT")]),
+    7: ("XDiTSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                        "denoise": 1.0},
+        {"model": (5, 0, "XDIT_MODEL"), "positive": (3, 0, "CONDITIONING"), "negative": (4, 0, "CONDITIONING"),
+         "latent_image": (6, 0, "LATENT")}, [("LATENT", "LATENT")]),
+    8: ("XDiTVAELoader", {"vae_name": "ae.safetensors", "gpus": 2}, {}, [("XDIT_VAE", "XDIT_VAE")]),
+    9: ("XDiTVAEDecode", {}, {"samples": (7, 0, "LATENT"), "vae": (8, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")]),
+    10: ("SaveImage", {"filename_prefix": "xdit_flux"}, {"images": (9, 0, "IMAGE")}, []),
+}
+
+
+def with_lora(base: dict) -> dict:
+    wf = dict(base)
+    wf[11] = ("XDiTLoraLoader", {"lora_name": "flux_lora.safetensors", "strength_model": 0.8},
+              {"model": (5, 0, "XDIT_MODEL")}, [("XDIT_MODEL", "XDIT_MODEL")])
+    cls, widgets, inputs, outputs = wf[7]
+    wf[7] = (cls, widgets, dict(inputs, model=(11, 0, "XDIT_MODEL")), outputs)
+    return wf
+
+
+WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG)}
+
+
+def to_api(wf: dict) -> dict:
+    api = {}
+    for node_id, (cls, widgets, inputs, _) in wf.items():
+        values = dict(widgets)
+        values.update({name: [str(src), slot] for name, (src, slot, _) in inputs.items()})
+        api[str(node_id)] = {"class_type": cls, "inputs": values}
+    return api
+
+
+def to_ui(wf: dict) -> dict:
+    links, nodes = [], []
+    incoming = {}
+    for node_id, (_, _, inputs, _) in sorted(wf.items()):
+        for name, (src, slot, kind) in inputs.items():
+            links.append([len(links) + 1, src, slot, node_id, list(inputs).index(name), kind])
+            incoming[(node_id, name)] = len(links)
+    for order, (node_id, (cls, widgets, inputs, outputs)) in enumerate(sorted(wf.items())):
+        values = []
+        for name, value in widgets.items():
+            values.append(value)
+            if name == "seed":
+                values.append("fixed")
+        nodes.append({
+            "id": node_id, "type": cls, "pos": [60 + 320 * ((order // 4) % 4), 60 + 220 * (order % 4)],
+            "size": [300, 60 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": incoming[(node_id, name)]}
+                       for name, (_, _, kind) in inputs.items()],
+            "outputs": [{"name": name, "type": kind, "slot_index": slot,
+                         "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
+                        for slot, (name, kind) in enumerate(outputs)],
+            "properties": {"Node name for S&R": cls}, "widgets_values": values,
+        })
+    return {"last_node_id": max(wf), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    for name, wf in WORKFLOWS.items():
+        with open(os.path.join(OUT, f"{name}.json"), "w") as f:
+            json.dump(to_ui(wf), f, indent=1)
+        os.makedirs(os.path.join(OUT, "api"), exist_ok=True)
+        with open(os.path.join(OUT, "api", f"{name}.json"), "w") as f:
+            json.dump(to_api(wf), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

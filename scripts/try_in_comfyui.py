@@ -1,0 +1,111 @@
+"""Try the pack in a real, running ComfyUI without downloading weights.
+
+    python scripts/try_in_comfyui.py --comfyui PATH/TO/ComfyUI [--url http://127.0.0.1:8188] [--gpus 2]
+
+Run it with ComfyUI's Python (it needs transformers, which ComfyUI requires). It writes small
+random-weight models into ComfyUI's models folders (a Flux-shaped transformer whose text
+width is CLIP-L's 768, a 16-channel VAE, a CLIP-L text encoder), then posts an API-format
+workflow to /prompt: CLIPLoader -> CLIPTextEncode -> FluxGuidance -> Sampler (xDiT) -> VAE
+Decode (xDiT) -> SaveImage, plus ComfyUI's own VAEDecode of the same LATENT. It waits for the
+result and prints the saved files. The images are noise (random weights); the point is the
+plumbing. Real Flux needs T5-XXL, which is too large to fake here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_models(comfyui: str) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfy_xdit.models.flux_checkpoint import write_flux_checkpoint
+    from comfy_xdit.models.flux_random import flux_config, random_flux
+    from comfy_xdit.vae.loader import write_vae_checkpoint
+
+    models = os.path.join(comfyui, "models")
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        os.makedirs(os.path.join(models, sub), exist_ok=True)
+    flux = random_flux(flux_config("tiny", joint_attention_dim=768, pooled_projection_dim=768), seed=0)
+    write_flux_checkpoint(flux, os.path.join(models, "diffusion_models", "xdit_tiny_flux.safetensors"),
+                          layout="comfy")
+    torch.manual_seed(0)
+    # Real Flux VAE shapes: ComfyUI's own VAE loader assumes a 128-channel first level.
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False).eval()
+    write_vae_checkpoint(vae, os.path.join(models, "vae", "xdit_tiny_ae.safetensors"), layout="ldm")
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, projection_dim=768, max_position_embeddings=77))
+    from safetensors.torch import save_file
+    # ComfyUI expects the original CLIP names (text_model.*); newer transformers drop the prefix
+    weights = {(k if k.startswith("text_model.") else "text_model." + k): v.contiguous()
+               for k, v in clip.state_dict().items()}
+    weights["text_projection.weight"] = torch.eye(768)
+    save_file(weights,
+              os.path.join(models, "text_encoders", "xdit_random_clip_l.safetensors"))
+
+
+def workflow(gpus: int) -> dict:
+    def node(cls, **inputs):
+        return {"class_type": cls, "inputs": inputs}
+
+    return {
+        "1": node("CLIPLoader", clip_name="xdit_random_clip_l.safetensors", type="stable_diffusion"),
+        "2": node("CLIPTextEncode", text="a lighthouse on a cliff", clip=["1", 0]),
+        "3": node("FluxGuidance", guidance=3.5, conditioning=["2", 0]),
+        "4": node("XDiTModelLoader", unet_name="xdit_tiny_flux.safetensors", weight_dtype="fp32", gpus=gpus,
+                  strategy="auto"),
+        "5": node("EmptySD3LatentImage", width=256, height=192, batch_size=1),
+        "6": node("XDiTSampler", model=["4", 0], positive=["3", 0], negative=["2", 0], latent_image=["5", 0],
+                  seed=7, steps=6, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+        "7": node("XDiTVAELoader", vae_name="xdit_tiny_ae.safetensors", gpus=gpus),
+        "8": node("XDiTVAEDecode", samples=["6", 0], vae=["7", 0]),
+        "9": node("SaveImage", images=["8", 0], filename_prefix="xdit_try"),
+        "10": node("VAELoader", vae_name="xdit_tiny_ae.safetensors"),
+        "11": node("VAEDecode", samples=["6", 0], vae=["10", 0]),
+        "12": node("SaveImage", images=["11", 0], filename_prefix="xdit_try_comfy_vae"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--url", default="http://127.0.0.1:8188")
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--skip-models", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_models:
+        write_models(args.comfyui)
+    body = json.dumps({"prompt": workflow(args.gpus), "client_id": "xdit-try"}).encode()
+    request = urllib.request.Request(args.url + "/prompt", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        prompt_id = json.load(r)["prompt_id"]
+    print("queued", prompt_id)
+    for _ in range(600):
+        with urllib.request.urlopen(f"{args.url}/history/{prompt_id}", timeout=30) as r:
+            history = json.load(r)
+        if prompt_id in history:
+            entry = history[prompt_id]
+            print("status:", json.dumps(entry["status"])[:2000])
+            for node_id, out in entry.get("outputs", {}).items():
+                for image in out.get("images", []):
+                    print(f"node {node_id} saved output/{image.get('subfolder', '')}/{image['filename']}")
+            return 0 if entry["status"].get("status_str") == "success" else 1
+        time.sleep(1)
+    print("timed out waiting for the prompt")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
