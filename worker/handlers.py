@@ -18,6 +18,7 @@ from comfy_xdit.mesh import ParallelMesh, build_mesh
 from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
+from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.vae import loader as vae_loader
 
@@ -75,8 +76,11 @@ class WorkerState:
         kind, args = msg["type"], msg.get("args", {})
         if kind == "load_model":
             _require(args.get("kind", "flux") in ("flux", "vae"), "load_model kind must be 'flux' or 'vae'")
-            path = args.get("path")
-            _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
+            path, preset = args.get("path"), args.get("random_preset")
+            if preset is not None:  # benchmarks: full-size shapes with random weights, no file
+                _require(preset in PRESETS, f"random_preset must be one of {sorted(PRESETS)}")
+            else:
+                _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
             _require(args.get("dtype", "bf16") in DTYPES, f"dtype must be one of {sorted(DTYPES)}")
             if args.get("parallel"):
                 try:
@@ -127,13 +131,20 @@ class WorkerState:
         if args.get("kind") == "vae":
             return self._load_vae(args)
         dtype = args.get("dtype", "bf16")
-        key = f"{os.path.abspath(args['path'])}|{dtype}|{args.get('attention_kernel') or 'default'}"
+        source = f"random:{args['random_preset']}" if args.get("random_preset") else os.path.abspath(args["path"])
+        layout = ",".join(f"{k}={v}" for k, v in sorted((args.get("parallel") or {}).items())) or "auto"
+        key = f"{source}|{dtype}|{args.get('attention_kernel') or 'default'}|{layout}|compile={bool(args.get('compile'))}"
         if key not in self.models:
-            try:
-                transformer, info = load_flux_transformer(args["path"], dtype=DTYPES[dtype], device=self.device)
-            except CheckpointError as e:  # same file, same verdict on every rank
-                raise RequestError(str(e)) from e
-            heads = info.config["num_attention_heads"]
+            if args.get("random_preset"):
+                transformer = random_flux(flux_config(args["random_preset"]), seed=0, dtype=DTYPES[dtype],
+                                          device=self.device)
+                info = None
+            else:
+                try:
+                    transformer, info = load_flux_transformer(args["path"], dtype=DTYPES[dtype], device=self.device)
+                except CheckpointError as e:  # same file, same verdict on every rank
+                    raise RequestError(str(e)) from e
+            heads = transformer.config["num_attention_heads"]
             try:
                 parallel = (ParallelConfig(**args["parallel"]) if args.get("parallel")
                             else ParallelConfig.for_sequence_parallel(self.world_size, heads))
@@ -144,6 +155,8 @@ class WorkerState:
                      "only sequence parallelism (ulysses x ring) is available so far: "
                      f"set ulysses_degree x ring_degree = {self.world_size}")
             self.models[key] = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
+            if args.get("compile"):
+                self.models[key].compile_blocks()
         model = self.models[key]
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
@@ -225,9 +238,17 @@ class WorkerState:
             self._step_sync(deadline)
 
         self._step_sync(deadline)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         samples = sample(model, tensors["context"], tensors["pooled"], tensors["latent"], seed=args["seed"],
                          steps=args["steps"], guidance=args.get("guidance"), cfg=float(args.get("cfg", 1.0)),
                          negative=negative, batch_index=args.get("batch_index"), callback=on_step,
                          sampler_name=args.get("sampler_name", "euler"), scheduler=args.get("scheduler", "simple"),
                          denoise=float(args.get("denoise", 1.0)), noise_mask=tensors.get("noise_mask"))
-        return dict(elapsed=time.time() - start), {"samples": samples.float().cpu()}
+        samples = samples.float().cpu()  # waits for the GPU, so elapsed covers the whole denoise
+        reply = dict(elapsed=time.time() - start)
+        if self.device.type == "cuda":
+            peaks = [None] * self.world_size
+            dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(self.device), group=self.control)
+            reply["peak_memory"] = peaks
+        return reply, {"samples": samples}

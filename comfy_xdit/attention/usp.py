@@ -70,6 +70,7 @@ class USPAttention:
         self.kernel = kernel
         self._attn = _ExplicitGroupAttention(ulysses_group, ring_group)
 
+    @torch.compiler.disable  # collectives and the ring loop stay eager inside compiled blocks
     def __call__(self, q, k, v, replicated_text_len: int = 0, softmax_scale=None):
         if not replicated_text_len:
             self._attn.attn_processor = self.kernel

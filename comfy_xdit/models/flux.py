@@ -118,6 +118,12 @@ class FluxModel:
         transformer, info = load_flux_transformer(path, dtype=dtype, device=device)
         return cls(transformer, mesh, attention_kernel, info)
 
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each transformer block on its own (one graph per block type, reused
+        across the 57 blocks); the parallel attention call stays eager (see USPAttention.__call__)."""
+        for block in list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks):
+            block.compile(fullgraph=False, dynamic=False)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype

@@ -1,0 +1,153 @@
+"""End-to-end benchmark through the real worker pool (the path the Sampler node uses).
+
+    python -m comfy_xdit.bench --px 1024,2048 --gpus 1,2 --strategies ulysses,ring [--compile both]
+                               [--baseline] [--steps 28] [--preset flux-dev] [--json out.json]
+
+Full-size random-weight models (shapes, not values, decide speed). For every GPU count,
+strategy, resolution and compile setting: one warm-up request, then one timed request of
+`steps` steps. Prints one table: seconds end to end, the workers' own denoise time, pool
+overhead (end to end minus denoise), speedup over a 1-GPU diffusers FluxPipeline run in the
+same call (--baseline), TFLOP/s per GPU from the shapes, and peak memory per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .models.flux_random import PRESETS, flux_config
+from .pool.controller import PoolOptions, WorkerPool
+
+STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
+              "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None}
+
+
+def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """Matmul + attention FLOPs of one Flux forward, counted from the shapes."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    s, mlp = image_tokens + text_tokens, 4
+    double = 2 * s * d * 4 * d + 2 * s * d * 2 * mlp * d + 4 * s * s * d
+    single = 2 * s * d * (3 * d + mlp * d) + 2 * s * (d + mlp * d) * d + 4 * s * s * d
+    return config["num_layers"] * double + config["num_single_layers"] * single
+
+
+def baseline_diffusers(config: dict, px: int, steps: int, text_tokens: int) -> float:
+    """Plain diffusers FluxPipeline on one GPU, latent out: the reference the speedups divide."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from .models.flux_random import random_flux
+
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    transformer = random_flux(config, dtype=torch.bfloat16, device="cuda")
+    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device="cuda", dtype=torch.bfloat16)
+    pooled = torch.randn(1, config["pooled_projection_dim"], device="cuda", dtype=torch.bfloat16)
+
+    def run(n):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=px, width=px, num_inference_steps=n,
+             output_type="latent", max_sequence_length=text_tokens)
+        torch.cuda.synchronize()
+
+    run(2)
+    start = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - start
+    del pipe, transformer
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def _progress(label: str):
+    def show(args, _preview):
+        if args["step"] == args["total"] or args["step"] % 7 == 0:
+            print(f"  {label}: step {args['step']}/{args['total']} ({args['elapsed']:.1f} s)", file=sys.stderr,
+                  flush=True)
+    return show
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-dev", choices=sorted(PRESETS))
+    p.add_argument("--px", default="1024")
+    p.add_argument("--gpus", default="1,2")
+    p.add_argument("--strategies", default="ulysses,ring")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--kernel", default=None, help="attention kernel: cudnn, flash, efficient (default: cudnn)")
+    p.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    p.add_argument("--baseline", action="store_true", help="also time diffusers FluxPipeline on 1 GPU")
+    p.add_argument("--json", default=None, help="write the rows here too")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run on CPU ranks")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA GPU is visible (use --device cpu with --preset tiny for a smoke run)")
+    if args.baseline and args.device != "cuda":
+        p.error("--baseline needs CUDA")
+    config = flux_config(args.preset)
+    resolutions = [int(x) for x in args.px.split(",")]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    baselines = {px: baseline_diffusers(config, px, args.steps, args.text_tokens) for px in resolutions} \
+        if args.baseline else {}
+    for px, seconds in baselines.items():
+        print(f"diffusers FluxPipeline, 1 GPU, {px}px: {seconds:.3f} s", file=sys.stderr, flush=True)
+
+    rows = []
+    for gpus in [int(x) for x in args.gpus.split(",")]:
+        pool = WorkerPool(PoolOptions(nproc=gpus, device=args.device, start_timeout=600))
+        try:
+            for strategy in (args.strategies.split(",") if gpus > 1 else ["single"]):
+                for compiled in compiles:
+                    dtype = "bf16" if args.device == "cuda" else "fp32"
+                    load = dict(random_preset=args.preset, dtype=dtype, attention_kernel=args.kernel,
+                                parallel=STRATEGIES.get(strategy, lambda n: None)(gpus), compile=compiled)
+                    key = pool.request("load_model", load)[0]["model_key"]
+                    for px in resolutions:
+                        g = torch.Generator().manual_seed(0)
+                        tensors = {"context": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
+                                                          generator=g).bfloat16(),
+                                   "pooled": torch.randn(1, config["pooled_projection_dim"], generator=g).bfloat16(),
+                                   "latent": torch.zeros(1, 16, px // 8, px // 8)}
+                        label = f"{gpus} GPU {strategy} {px}px compile={compiled}"
+                        warm = dict(model_key=key, seed=0, steps=3 if compiled else 2)
+                        pool.request("sample", warm, tensors)
+                        start = time.perf_counter()
+                        reply, _ = pool.request("sample", dict(model_key=key, seed=0, steps=args.steps), tensors,
+                                                on_progress=_progress(label))
+                        total = time.perf_counter() - start
+                        flops = flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps
+                        row = dict(gpus=gpus, strategy=strategy, px=px, compile=compiled, steps=args.steps,
+                                   seconds=round(total, 3), denoise_s=round(reply["elapsed"], 3),
+                                   overhead_ms=round((total - reply["elapsed"]) * 1e3, 1),
+                                   tflops_per_gpu=round(flops / total / gpus / 1e12, 1),
+                                   peak_gib=[round(m / 2**30, 1) for m in reply.get("peak_memory", [])])
+                        if px in baselines:
+                            row["speedup_vs_diffusers"] = round(baselines[px] / total, 2)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                    pool.request("unload_model", {"model_key": key})
+        finally:
+            pool.shutdown()
+
+    print(f"\n{'GPUs':>4} {'strategy':>8} {'px':>5} {'compile':>7} {'seconds':>8} {'denoise':>8} {'ovh ms':>7} "
+          f"{'speedup':>7} {'TFLOP/s/GPU':>11}  peak GiB/GPU")
+    for px, seconds in baselines.items():
+        print(f"{1:>4} {'diffusers':>8} {px:>5} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} {1.0:>7.2f} "
+              f"{flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps / seconds / 1e12:>11.1f}")
+    for r in rows:
+        print(f"{r['gpus']:>4} {r['strategy']:>8} {r['px']:>5} {str(r['compile']):>7} {r['seconds']:>8.3f} "
+              f"{r['denoise_s']:>8.3f} {r['overhead_ms']:>7.1f} {r.get('speedup_vs_diffusers', float('nan')):>7.2f} "
+              f"{r['tflops_per_gpu']:>11.1f}  {r['peak_gib']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(baselines=baselines, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
