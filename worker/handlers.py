@@ -200,6 +200,8 @@ class WorkerState:
 
     def _unload(self, key: str | None) -> dict:
         keys = list(self.models) + list(self.vaes) if key is None else [key]
+        if any("compile=True" in k for k in keys if k in self.models):
+            torch._dynamo.reset()  # compiled graphs of the old model would crowd the recompile limit
         for k in keys:
             self.models.pop(k, None)
             self.mergers.pop(k, None)
