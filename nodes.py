@@ -14,11 +14,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from .comfy_xdit.client import Conditioning, Engine, ModelHandle, VaeHandle, WEIGHT_DTYPES, available_devices
+from .comfy_xdit.client import (Conditioning, Control, ControlNetHandle, Engine, ModelHandle, VaeHandle,
+                                WEIGHT_DTYPES, available_devices)
 from .comfy_xdit.pool.controller import PoolError
 from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
 
 CATEGORY = "xDiT"
+CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
 ENGINE = Engine()
 STRATEGIES = ("auto", "ulysses", "ring", "manual")
 
@@ -58,7 +60,10 @@ def _conditioning(cond, name: str) -> Conditioning:
     if extra.get("pooled_output") is None:
         raise ValueError(f"{name} conditioning has no pooled output: encode it with a Flux text encoder "
                          "(DualCLIPLoader type flux + CLIPTextEncode)")
-    return Conditioning(tokens, extra["pooled_output"], extra.get("guidance"))
+    if extra.get("control") is not None:
+        raise ValueError(f"{name} conditioning carries a ComfyUI ControlNet; use Apply ControlNet (xDiT) with "
+                         "Load ControlNet (xDiT), which run it in the workers")
+    return Conditioning(tokens, extra["pooled_output"], extra.get("guidance"), list(extra.get(CONTROL_KEY, [])))
 
 
 class XDiTModelLoader:
@@ -210,6 +215,62 @@ class XDiTVAEEncode:
         return ({"samples": _run(ENGINE.encode, vae, pixels[..., :3])},)
 
 
+class XDiTControlNetLoader:
+    DESCRIPTION = "Picks a Flux ControlNet (InstantX, Union or XLabs) for the xDiT workers."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net_name": (folder_paths.get_filename_list("controlnet"),)}}
+
+    RETURN_TYPES = ("XDIT_CONTROLNET",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, control_net_name):
+        return (ControlNetHandle(folder_paths.get_full_path_or_raise("controlnet", control_net_name)),)
+
+
+class XDiTApplyControlNet:
+    DESCRIPTION = ("Applies a ControlNet to both conditionings; it runs in the workers under the same "
+                   "sequence split as the model.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "control_net": ("XDIT_CONTROLNET",),
+                "image": ("IMAGE",),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            },
+            "optional": {
+                "vae": ("XDIT_VAE", {"tooltip": "Needed by InstantX/Union ControlNets (they take a VAE-encoded image)."}),
+                "union_mode": ("INT", {"default": -1, "min": -1, "max": 15, "advanced": True,
+                                       "tooltip": "Union ControlNet control type; -1 for none."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, positive, negative, control_net, image, strength, start_percent, end_percent, vae=None,
+              union_mode=-1):
+        if strength == 0:
+            return (positive, negative)
+        control = Control(control_net, image, strength, start_percent, end_percent, vae,
+                          None if union_mode < 0 else union_mode)
+
+        def add(cond):
+            return [[t, dict(d, **{CONTROL_KEY: list(d.get(CONTROL_KEY, [])) + [control]})] for t, d in cond]
+
+        return (add(positive), add(negative))
+
+
 NODE_CLASS_MAPPINGS = {
     "XDiTModelLoader": XDiTModelLoader,
     "XDiTLoraLoader": XDiTLoraLoader,
@@ -217,6 +278,8 @@ NODE_CLASS_MAPPINGS = {
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,
+    "XDiTControlNetLoader": XDiTControlNetLoader,
+    "XDiTApplyControlNet": XDiTApplyControlNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTModelLoader": "Load Diffusion Model (xDiT)",
@@ -225,4 +288,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTVAELoader": "VAE Loader (xDiT)",
     "XDiTVAEDecode": "VAE Decode (xDiT)",
     "XDiTVAEEncode": "VAE Encode (xDiT)",
+    "XDiTControlNetLoader": "Load ControlNet (xDiT)",
+    "XDiTApplyControlNet": "Apply ControlNet (xDiT)",
 }

@@ -46,11 +46,30 @@ class VaeHandle:
         return dict(kind="vae", path=self.path, dtype=self.dtype)
 
 
+@dataclass(frozen=True)
+class ControlNetHandle:
+    path: str
+
+
+@dataclass
+class Control:
+    """One applied ControlNet: plain data that travels inside a CONDITIONING."""
+
+    controlnet: ControlNetHandle
+    image: torch.Tensor                  # IMAGE [B, H, W, 3] in 0..1
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    vae: VaeHandle | None = None         # InstantX/Union ControlNets take a VAE-encoded image
+    mode: int | None = None              # Union control type
+
+
 @dataclass
 class Conditioning:
     context: torch.Tensor                # [B, T, 4096] T5 tokens
     pooled: torch.Tensor                 # [B, 768] CLIP pooled
     guidance: float | None = None
+    controls: list = field(default_factory=list)
 
 
 def available_devices() -> tuple[str, int]:
@@ -96,9 +115,14 @@ class Engine:
             tensors.update(negative_context=negative.context, negative_pooled=negative.pooled)
         if noise_mask is not None:
             tensors["noise_mask"] = noise_mask
+        controls = []
+        for i, c in enumerate(positive.controls):  # applied to both branches, as ControlNetApplyAdvanced does
+            tensors[f"control_image_{i}"] = c.image[..., :3]
+            controls.append(dict(path=c.controlnet.path, strength=c.strength, start_percent=c.start_percent,
+                                 end_percent=c.end_percent, vae_path=c.vae.path if c.vae else None, mode=c.mode))
         args = dict(model_key=key, seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
                     scheduler=scheduler, denoise=float(denoise), guidance=positive.guidance,
-                    batch_index=batch_index, loras=[list(lora) for lora in model.loras])
+                    batch_index=batch_index, loras=[list(lora) for lora in model.loras], controls=controls)
         _, out = self.pool(model.gpus).request("sample", args, tensors, on_progress=on_progress, cancel=cancel)
         return out["samples"]
 
@@ -123,5 +147,5 @@ class Engine:
                 self._pool = None
 
 
-__all__ = ["Conditioning", "Engine", "ModelHandle", "RequestFailed", "VaeHandle", "WEIGHT_DTYPES",
+__all__ = ["Conditioning", "Control", "ControlNetHandle", "Engine", "ModelHandle", "RequestFailed", "VaeHandle", "WEIGHT_DTYPES",
            "available_devices"]

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
 from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FLUX_LATENT
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
+from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
 from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
@@ -52,6 +54,7 @@ class WorkerState:
         self.mergers: dict[str, LoraMerger] = {}
         self.loras: dict[tuple, object] = {}   # (path, mtime) -> parsed LoRA, so strength changes never re-read
         self.vaes: dict[str, object] = {}
+        self.controlnets: dict[str, tuple] = {}
         self.meshes: dict[ParallelConfig, ParallelMesh] = {}
         me = dict(rank=self.rank, pid=os.getpid(), host=socket.gethostname(), device=str(device))
         if device.type == "cuda":
@@ -98,6 +101,11 @@ class WorkerState:
             _require(0.0 < float(args.get("denoise", 1.0)) <= 1.0, "denoise must be in (0, 1]")
             for path, _strength in args.get("loras") or []:
                 _require(os.path.isfile(path), f"LoRA file not found: {path!r}")
+            for i, control in enumerate(args.get("controls") or []):
+                _require(os.path.isfile(control.get("path", "")), f"ControlNet file not found: {control.get('path')!r}")
+                _require(control.get("vae_path") is None or os.path.isfile(control["vae_path"]),
+                         f"VAE file not found: {control.get('vae_path')!r}")
+                _require(f"control_image_{i}" in tensors, f"ControlNet {i} has no image")
             if args.get("fail_on_rank") is not None:
                 _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
         elif kind in ("decode", "encode"):
@@ -161,15 +169,19 @@ class WorkerState:
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
 
-    def _load_vae(self, args: dict) -> dict:
-        dtype = args.get("dtype", "fp32")
-        key = f"vae|{os.path.abspath(args['path'])}|{dtype}"
+    def _resident_vae(self, path: str, dtype: str) -> tuple[str, tuple]:
+        """(key, (vae, info)), loading the file once per dtype."""
+        key = f"vae|{os.path.abspath(path)}|{dtype}"
         if key not in self.vaes:
             try:
-                self.vaes[key] = vae_loader.load_vae(args["path"], dtype=DTYPES[dtype], device=self.device)
+                self.vaes[key] = vae_loader.load_vae(path, dtype=DTYPES[dtype], device=self.device)
             except CheckpointError as e:
                 raise RequestError(str(e)) from e
-        return dict(model_key=key, latent_channels=self.vaes[key][1].latent_channels)
+        return key, self.vaes[key]
+
+    def _load_vae(self, args: dict) -> dict:
+        key, (_, info) = self._resident_vae(args["path"], args.get("dtype", "fp32"))
+        return dict(model_key=key, latent_channels=info.latent_channels)
 
     def _vae(self, kind: str, args: dict, tensors: dict) -> tuple[dict, dict]:
         """One rank decodes/encodes until the patch-parallel VAE lands; the others wait for the next request."""
@@ -198,6 +210,29 @@ class WorkerState:
             parsed.append((lora_id, self.loras[lora_id], float(strength)))
         self.mergers.setdefault(key, LoraMerger(model.transformer)).set_loras(parsed)
 
+    def _control(self, model: FluxModel, control: dict, image: torch.Tensor, latent_shape: tuple) -> FluxControl:
+        """A FluxControl from a request: ControlNet cached per file and dtype; InstantX/Union hints VAE-encoded here."""
+        key = f"{os.path.abspath(control['path'])}|{model.dtype}"
+        if key not in self.controlnets:
+            try:
+                self.controlnets[key] = load_flux_controlnet(control["path"], dtype=model.dtype, device=self.device)
+            except CheckpointError as e:
+                raise RequestError(str(e)) from e
+        controlnet, info = self.controlnets[key]
+        hint = image
+        if info.hint == "latent":
+            _require(control.get("vae_path") is not None,
+                     f"{os.path.basename(control['path'])} takes a VAE-encoded control image: connect a VAE to "
+                     "Apply ControlNet (xDiT)")
+            _, (vae, _) = self._resident_vae(control["vae_path"], "fp32")
+            h, w = latent_shape[-2:]
+            pixels = fit_image(image.movedim(-1, 1).float(), h * 8, w * 8).movedim(1, -1)
+            with torch.inference_mode():
+                hint = FLUX_LATENT.to_model(vae_loader.encode(vae, pixels.to(self.device)))
+        return FluxControl(controlnet, info, hint, strength=float(control.get("strength", 1.0)),
+                           start_percent=float(control.get("start_percent", 0.0)),
+                           end_percent=float(control.get("end_percent", 1.0)), mode=control.get("mode"))
+
     def _unload(self, key: str | None) -> dict:
         keys = list(self.models) + list(self.vaes) if key is None else [key]
         if any("compile=True" in k for k in keys if k in self.models):
@@ -206,6 +241,8 @@ class WorkerState:
             self.models.pop(k, None)
             self.mergers.pop(k, None)
             self.vaes.pop(k, None)
+        if key is None:
+            self.controlnets.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -231,6 +268,10 @@ class WorkerState:
         start, deadline = time.time(), args.get("deadline")
         negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
         self._apply_loras(args["model_key"], args.get("loras") or [])
+        if args.get("controls"):
+            model = ControlledFluxModel(model, [self._control(model, c, tensors[f"control_image_{i}"],
+                                                              tuple(tensors["latent"].shape))
+                                                for i, c in enumerate(args["controls"])])
 
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if args.get("fail_on_rank") == self.rank and step == args.get("fail_at_step", 1):

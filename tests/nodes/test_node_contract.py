@@ -16,7 +16,8 @@ ALLOWED_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "CONDITIONING", "LATENT", 
 def pack(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     for sub, name in (("diffusion_models", "flux_a.safetensors"), ("unet", "flux_b.safetensors"),
-                      ("loras", "style.safetensors"), ("vae", "ae.safetensors")):
+                      ("loras", "style.safetensors"), ("vae", "ae.safetensors"),
+                      ("controlnet", "canny.safetensors")):
         os.makedirs(models / sub, exist_ok=True)
         (models / sub / name).write_bytes(b"")
     fake_comfy.install(str(models))
@@ -68,6 +69,7 @@ def test_combo_lists_come_from_the_model_folders(pack):
                                                                                   "flux_b.safetensors"]
     assert nodes["XDiTLoraLoader"].INPUT_TYPES()["required"]["lora_name"][0] == ["style.safetensors"]
     assert nodes["XDiTVAELoader"].INPUT_TYPES()["required"]["vae_name"][0] == ["ae.safetensors"]
+    assert nodes["XDiTControlNetLoader"].INPUT_TYPES()["required"]["control_net_name"][0] == ["canny.safetensors"]
     sampler = nodes["XDiTSampler"].INPUT_TYPES()["required"]
     assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][0])
     assert {"simple", "normal", "sgm_uniform", "beta"} <= set(sampler["scheduler"][0])

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import fake_comfy
 from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.models.flux_checkpoint import diffusers_to_bfl, write_flux_checkpoint
+from comfy_xdit.models.flux_controlnet import random_flux_controlnet, write_flux_controlnet
 from comfy_xdit.models.flux_random import flux_config, random_flux
 from comfy_xdit.sampling import sample
 from comfy_xdit.vae.loader import write_vae_checkpoint
@@ -29,7 +30,7 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    for sub in ("diffusion_models", "vae", "loras"):
+    for sub in ("diffusion_models", "vae", "loras", "controlnet"):
         os.makedirs(models / sub)
     transformer = random_flux(flux_config("tiny"), seed=11)
     write_flux_checkpoint(transformer, models / "diffusion_models" / "flux_tiny.safetensors", layout="comfy")
@@ -47,6 +48,10 @@ def env(tmp_path_factory):
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
                "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)},
               str(models / "loras" / "style.safetensors"))
+    union = random_flux_controlnet(dict(transformer.config), num_layers=1, num_single_layers=1, num_mode=4, seed=2)
+    write_flux_controlnet(union, models / "controlnet" / "union_tiny.safetensors", layout="diffusers")
+    xlabs = random_flux_controlnet(dict(transformer.config), num_layers=1, num_single_layers=0, xlabs=True, seed=4)
+    write_flux_controlnet(xlabs, models / "controlnet" / "xlabs_tiny.safetensors", layout="xlabs")
     state = fake_comfy.install(str(models))
     pack = fake_comfy.load_pack()
     yield pack, state, models, (down, up, 2.0 / LORA_RANK)
@@ -148,3 +153,31 @@ def test_bad_inputs_give_clear_errors(env):
         nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", too_many, "auto")
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         nodes["XDiTModelLoader"]().load("nothing.safetensors", "fp32", 2, "auto")
+
+
+def _controlled(pack, gpus, name, strength, vae=None, mode=-1):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    (model,) = nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", gpus, "auto")
+    (control,) = nodes["XDiTControlNetLoader"]().load(name)
+    image = torch.rand(1, 70, 100, 3, generator=torch.Generator().manual_seed(8))  # fitted to 64x96 in the workers
+    positive, negative = nodes["XDiTApplyControlNet"]().apply(_conditioning(), _conditioning(1), control, image,
+                                                              strength, 0.0, 1.0, vae, mode)
+    (out,) = nodes["XDiTSampler"]().sample(model, positive, negative, _latent(), 3, STEPS, 1.0, "euler", "simple", 1.0)
+    return out["samples"]
+
+
+@pytest.mark.parametrize("name,mode", [("union_tiny.safetensors", 2), ("xlabs_tiny.safetensors", -1)])
+def test_controlnet_runs_in_the_workers_under_the_sequence_split(env, name, mode):
+    pack, _, _, _ = env
+    (vae,) = pack.NODE_CLASS_MAPPINGS["XDiTVAELoader"]().load("ae_tiny.safetensors", 2)
+    base = _run(pack, 2)["samples"]
+    assert torch.equal(_controlled(pack, 2, name, 0.0, vae, mode), base)  # strength 0 is no ControlNet
+    two = _controlled(pack, 2, name, 1.0, vae, mode)
+    one = _controlled(pack, 1, name, 1.0, vae, mode)
+    assert _rel(two, one) <= 1e-4 and _rel(two, base) > 1e-3
+
+
+def test_instantx_controlnet_without_a_vae_says_what_to_connect(env):
+    pack, _, _, _ = env
+    with pytest.raises(RuntimeError, match="takes a VAE-encoded control image: connect a VAE"):
+        _controlled(pack, 2, "union_tiny.safetensors", 1.0, None, 1)
