@@ -46,13 +46,31 @@ def with_lora(base: dict) -> dict:
     return wf
 
 
-WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG)}
+def with_controlnet(base: dict) -> dict:
+    wf = dict(base)
+    wf[12] = ("XDiTControlNetLoader", {"control_net_name": "FLUX.1-dev-ControlNet-Union-Pro.safetensors"}, {},
+              [("XDIT_CONTROLNET", "XDIT_CONTROLNET")])
+    wf[13] = ("LoadImage", {"image": "example.png", "upload": "image"}, {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    wf[14] = ("XDiTApplyControlNet", {"strength": 0.7, "start_percent": 0.0, "end_percent": 0.6, "union_mode": 0},
+              {"positive": (3, 0, "CONDITIONING"), "negative": (4, 0, "CONDITIONING"),
+               "control_net": (12, 0, "XDIT_CONTROLNET"), "image": (13, 0, "IMAGE"), "vae": (8, 0, "XDIT_VAE")},
+              [("positive", "CONDITIONING"), ("negative", "CONDITIONING")])
+    cls, widgets, inputs, outputs = wf[7]
+    wf[7] = (cls, widgets, dict(inputs, positive=(14, 0, "CONDITIONING"), negative=(14, 1, "CONDITIONING")), outputs)
+    return wf
+
+
+WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
+             "flux_controlnet_xdit": with_controlnet(TXT2IMG)}
+
+
+UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt
 
 
 def to_api(wf: dict) -> dict:
     api = {}
     for node_id, (cls, widgets, inputs, _) in wf.items():
-        values = dict(widgets)
+        values = {k: v for k, v in widgets.items() if k not in UI_ONLY_WIDGETS}
         values.update({name: [str(src), slot] for name, (src, slot, _) in inputs.items()})
         api[str(node_id)] = {"class_type": cls, "inputs": values}
     return api
@@ -65,15 +83,20 @@ def to_ui(wf: dict) -> dict:
         for name, (src, slot, kind) in inputs.items():
             links.append([len(links) + 1, src, slot, node_id, list(inputs).index(name), kind])
             incoming[(node_id, name)] = len(links)
+    column_y: dict[int, int] = {}
     for order, (node_id, (cls, widgets, inputs, outputs)) in enumerate(sorted(wf.items())):
+        column = order // 4
+        height = 70 + 26 * (len(widgets) + len(inputs) + (1 if "seed" in widgets else 0)) + (140 if "upload" in widgets else 0)
+        y = column_y.get(column, 60)
+        column_y[column] = y + height + 50
         values = []
         for name, value in widgets.items():
             values.append(value)
             if name == "seed":
                 values.append("fixed")
         nodes.append({
-            "id": node_id, "type": cls, "pos": [60 + 320 * ((order // 4) % 4), 60 + 220 * (order % 4)],
-            "size": [300, 60 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": order, "mode": 0,
+            "id": node_id, "type": cls, "pos": [60 + 340 * column, y],
+            "size": [310, height], "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": name, "type": kind, "link": incoming[(node_id, name)]}
                        for name, (_, _, kind) in inputs.items()],
             "outputs": [{"name": name, "type": kind, "slot_index": slot,
