@@ -22,7 +22,7 @@ from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
 CATEGORY = "xDiT"
 CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
 ENGINE = Engine()
-STRATEGIES = ("auto", "ulysses", "ring", "manual")
+STRATEGIES = ("auto", "ulysses", "ring", "cfg_parallel", "data_parallel", "manual")
 
 
 def _max_gpus() -> int:
@@ -37,17 +37,25 @@ def _run(fn, *args, **kwargs):
         raise RuntimeError(f"xDiT worker pool: {e}") from e
 
 
-def _parallel(strategy: str, gpus: int, ulysses: int, ring: int) -> tuple:
+def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, dp: int = 1) -> tuple:
+    """Degrees for the loader's strategy; empty = auto (sequence parallel, as much Ulysses as the heads allow)."""
     if strategy == "auto":
         return ()
     if strategy == "ulysses":
         return (("ulysses_degree", gpus),)
     if strategy == "ring":
         return (("ring_degree", gpus),)
-    if ulysses * ring != gpus:
-        raise ValueError(f"manual strategy: ulysses_degree {ulysses} x ring_degree {ring} = {ulysses * ring}, "
-                         f"but {gpus} GPUs were asked for; the product must equal the GPU count")
-    return (("ring_degree", ring), ("ulysses_degree", ulysses))
+    if strategy == "cfg_parallel":  # cond and uncond on different GPUs; the rest splits the sequence
+        if gpus % 2:
+            raise ValueError(f"cfg_parallel needs an even number of GPUs, got {gpus}")
+        return (("cfg_degree", 2), ("ulysses_degree", gpus // 2))
+    if strategy == "data_parallel":  # batch items on different GPUs
+        return (("dp_degree", gpus),)
+    if ulysses * ring * cfg * dp != gpus:
+        raise ValueError(f"manual strategy: dp_degree {dp} x cfg_degree {cfg} x ulysses_degree {ulysses} x "
+                         f"ring_degree {ring} = {ulysses * ring * cfg * dp}, but {gpus} GPUs were asked for; "
+                         "the product must equal the GPU count")
+    return tuple(sorted({"dp_degree": dp, "cfg_degree": cfg, "ring_degree": ring, "ulysses_degree": ulysses}.items()))
 
 
 def _conditioning(cond, name: str) -> Conditioning:
@@ -81,13 +89,20 @@ class XDiTModelLoader:
                                  "tooltip": "How many GPUs run the model together (one worker each)."}),
                 "strategy": (list(STRATEGIES), {"default": "auto",
                                                 "tooltip": "auto: as much Ulysses as the heads allow, the rest "
-                                                           "Ring. manual: the degrees below."}),
+                                                           "Ring. cfg_parallel: the negative prompt on half the "
+                                                           "GPUs. data_parallel: batch items spread over GPUs. "
+                                                           "manual: the degrees below."}),
             },
             "optional": {
                 "ulysses_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
                                            "tooltip": "manual strategy: all-to-all over attention heads."}),
                 "ring_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
                                         "tooltip": "manual strategy: K/V passed around a ring of GPUs."}),
+                "cfg_degree": ("INT", {"default": 1, "min": 1, "max": 2, "advanced": True,
+                                       "tooltip": "manual strategy: 2 runs the negative prompt on other GPUs "
+                                                  "(needs cfg > 1)."}),
+                "dp_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
+                                      "tooltip": "manual strategy: batch items on different GPUs."}),
             },
         }
 
@@ -96,10 +111,11 @@ class XDiTModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1):
+    def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1, cfg_degree=1,
+             dp_degree=1):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus,
-                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree))
+                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree))
         _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
         return (handle,)
 

@@ -2,6 +2,8 @@
 
 Every rank runs this loop in lockstep on identical inputs: noise comes from the seed on
 the CPU (as ComfyUI's KSampler draws it), so no broadcast of the starting latent is needed.
+Under a mesh, the "dp" axis splits the batch and the "cfg" axis splits the two CFG branches;
+the model itself handles the sequence axes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 SIGMA_TABLE_SIZE = 10000  # ComfyUI's ModelSamplingFlux timesteps
 
@@ -317,6 +320,54 @@ def inpaint_denoiser(denoise: DenoiseFn, mask: torch.Tensor, noise: torch.Tensor
     return masked
 
 
+def _axis_size(mesh, axis: str) -> int:
+    return mesh.size(axis) if mesh is not None else 1
+
+
+def batch_split(batch: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of each dp group's contiguous share, as torch.tensor_split splits: the first ones get one more."""
+    base, extra = divmod(batch, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _cond_rows(t, batch: int, start: int, stop: int):
+    """The conditioning rows that latent items start..stop see: one row is shared, n rows repeat over the batch."""
+    if t is None or t.shape[0] == 1:
+        return t
+    if t.shape[0] != batch:
+        if batch % t.shape[0]:  # same verdict as the serial path, before any rank splits off
+            raise ValueError(f"conditioning batch {t.shape[0]} does not divide latent batch {batch}")
+        t = t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1)))
+    return t[start:stop]
+
+
+def _cfg_parallel(branch: DenoiseFn, cfg: float, group) -> DenoiseFn:
+    """This rank's branch (cfg index 0: cond, 1: uncond), swapped with its partner, combined as the serial path does."""
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        mine = branch(x, sigma).contiguous()
+        c, u = (torch.empty_like(mine) for _ in range(2))
+        dist.all_gather([c, u], mine, group=group)
+        return u + (c - u) * cfg
+
+    return denoise
+
+
+def _gather_batch(x: torch.Tensor, bounds: list[tuple[int, int]], group) -> torch.Tensor:
+    """Every dp group's chunk, in batch order, on every rank; padded to one size because all_gather needs it."""
+    sizes = [stop - start for start, stop in bounds]
+    most = max(sizes)
+    padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Tensor, seed: int, steps: int,
            guidance: float | None = None, cfg: float = 1.0, negative: tuple | None = None,
            batch_index: list[int] | None = None, callback: StepCallback | None = None,
@@ -324,10 +375,19 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Ten
            noise_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ComfyUI's KSampler on a VAE-space LATENT; returns the VAE-space result (ComfyUI's LATENT samples).
 
-    `model` is a model adapter: latent_format, check_latent, time_shift_mu, denoiser.
-    cfg > 1 runs `negative` = (context, pooled) and combines the x0 predictions as ComfyUI's CFG does.
-    denoise < 1 starts from the noised `latent` part-way down the schedule (img2img); `noise_mask`
-    (LATENT's "noise_mask", 1 = repaint) keeps the rest of `latent`.
+    `model` is a model adapter: latent_format, check_latent, time_shift_mu, denoiser, and optionally
+    `mesh` (a ParallelMesh). cfg > 1 runs `negative` = (context, pooled) and combines the x0
+    predictions as ComfyUI's CFG does. denoise < 1 starts from the noised `latent` part-way down the
+    schedule (img2img); `noise_mask` (LATENT's "noise_mask", 1 = repaint) keeps the rest of `latent`.
+
+    With a mesh, every rank calls this with the same arguments and gets the same full result:
+    - dp degree > 1: each dp group samples a contiguous share of the batch (uneven shares allowed;
+      a group with no items idles through the steps) with the very noise, conditioning rows and mask
+      rows the full-batch run gives those items, then the shares are all-gathered.
+    - cfg degree 2: with cfg != 1 and a negative, cfg index 0 runs the cond branch and index 1 the
+      uncond branch each step, and both combine the exchanged predictions. With cfg == 1 there is
+      only one branch, so both cfg ranks run it (same result, no speed-up).
+    `callback` is called on every rank at every step, with that rank's share of the batch.
     """
     run = get_sampler(sampler_name)
     shape = tuple(latent.shape)
@@ -335,6 +395,11 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Ten
     sigmas = ksampler_sigmas(scheduler, steps, model.time_shift_mu(shape), denoise)
     if len(sigmas) == 0:
         return latent.clone()  # ComfyUI hands back the input latent when denoise is 0
+    guided = not math.isclose(cfg, 1.0)
+    if guided and negative is None:
+        raise ValueError(f"cfg {cfg} needs a negative conditioning")
+    mesh = getattr(model, "mesh", None)
+    dp, cfg_degree = _axis_size(mesh, "dp"), _axis_size(mesh, "cfg")
     # Noise is drawn on the CPU (ComfyUI's rule), then the whole loop stays on the model's device:
     # no host round trip per step.
     device = getattr(model, "device", latent.device)
@@ -342,21 +407,36 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Ten
     latent_model = latent.float().to(device)
     if torch.count_nonzero(latent_model) > 0:  # ComfyUI leaves an all-zero (empty) latent unshifted
         latent_model = model.latent_format.to_model(latent_model)
+    mask = prepare_mask(noise_mask, shape).to(device) if noise_mask is not None else None
+    if dp > 1:
+        bounds = batch_split(shape[0], dp)
+        start, stop = bounds[mesh.rank("dp")]
+        context, pooled = (_cond_rows(t, shape[0], start, stop) for t in (context, pooled))
+        if negative is not None:
+            negative = tuple(_cond_rows(t, shape[0], start, stop) for t in negative)
+        noise, latent_model = noise[start:stop], latent_model[start:stop]
+        mask = mask[start:stop] if mask is not None else None
+    chunk = (noise.shape[0], *shape[1:])
     x = noise_latent(latent_model, noise, sigmas[0])
-    cond = model.denoiser(context, pooled, guidance, shape)
-    if math.isclose(cfg, 1.0):
-        denoise_fn = cond
-    else:
-        if negative is None:
-            raise ValueError(f"cfg {cfg} needs a negative conditioning")
-        uncond = model.denoiser(negative[0], negative[1], guidance, shape)
+    if chunk[0] == 0:
+        def denoise_fn(x, sigma):  # more dp groups than items: keep step with the others, run nothing
+            return x
+    elif guided and cfg_degree > 1:
+        branch = negative if mesh.rank("cfg") == 1 else (context, pooled)
+        denoise_fn = _cfg_parallel(model.denoiser(branch[0], branch[1], guidance, chunk), cfg, mesh.group("cfg"))
+    elif guided:
+        cond = model.denoiser(context, pooled, guidance, chunk)
+        uncond = model.denoiser(negative[0], negative[1], guidance, chunk)
 
         def denoise_fn(x, sigma):
             u = uncond(x, sigma)
             return u + (cond(x, sigma) - u) * cfg
-
-    if noise_mask is not None:
-        denoise_fn = inpaint_denoiser(denoise_fn, prepare_mask(noise_mask, shape).to(device), noise, latent_model)
+    else:
+        denoise_fn = model.denoiser(context, pooled, guidance, chunk)
+    if mask is not None and chunk[0] > 0:
+        denoise_fn = inpaint_denoiser(denoise_fn, mask, noise, latent_model)
     x = run(denoise_fn, x, sigmas, callback)
     x = x / (1.0 - sigmas[-1])  # CONST.inverse_noise_scaling; the last sigma is 0, so exact
+    if dp > 1:
+        x = _gather_batch(x, bounds, mesh.group("dp"))
     return model.latent_format.from_model(x)

@@ -159,9 +159,7 @@ class WorkerState:
                 parallel.validate(world_size=self.world_size, num_heads=heads)
             except ParallelConfigError as e:
                 raise RequestError(str(e)) from e
-            _require(parallel.sp_degree == self.world_size,
-                     "only sequence parallelism (ulysses x ring) is available so far: "
-                     f"set ulysses_degree x ring_degree = {self.world_size}")
+            _require(parallel.pipefusion_degree == 1, "pipefusion is not available yet: set pipefusion_degree = 1")
             self.models[key] = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
             if args.get("compile"):
                 self.models[key].compile_blocks()
@@ -219,6 +217,8 @@ class WorkerState:
             except CheckpointError as e:
                 raise RequestError(str(e)) from e
         controlnet, info = self.controlnets[key]
+        _require(image.shape[0] == 1 or model.mesh.size("dp") == 1,
+                 "with data parallelism the ControlNet takes one control image for the whole batch")
         hint = image
         if info.hint == "latent":
             _require(control.get("vae_path") is not None,

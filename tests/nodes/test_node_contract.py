@@ -88,8 +88,15 @@ def test_lora_loader_chains_without_touching_the_pool(pack):
 def test_manual_strategy_must_multiply_to_the_gpu_count(pack):
     with pytest.raises(ValueError, match=r"ulysses_degree 2 x ring_degree 2 = 4, but 2 GPUs were asked for"):
         pack.nodes._parallel("manual", 2, 2, 2)
-    assert pack.nodes._parallel("manual", 4, 2, 2) == (("ring_degree", 2), ("ulysses_degree", 2))
+    assert dict(pack.nodes._parallel("manual", 4, 2, 2)) == {"ring_degree": 2, "ulysses_degree": 2,
+                                                             "cfg_degree": 1, "dp_degree": 1}
+    assert dict(pack.nodes._parallel("manual", 8, 2, 1, 2, 2)) == {"ring_degree": 1, "ulysses_degree": 2,
+                                                                   "cfg_degree": 2, "dp_degree": 2}
     assert pack.nodes._parallel("auto", 4, 1, 1) == ()
+    assert dict(pack.nodes._parallel("cfg_parallel", 4, 1, 1)) == {"cfg_degree": 2, "ulysses_degree": 2}
+    assert dict(pack.nodes._parallel("data_parallel", 2, 1, 1)) == {"dp_degree": 2}
+    with pytest.raises(ValueError, match="cfg_parallel needs an even number of GPUs, got 3"):
+        pack.nodes._parallel("cfg_parallel", 3, 1, 1)
 
 
 def test_missing_file_and_bad_conditioning_fail_clearly(pack):

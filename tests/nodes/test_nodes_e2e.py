@@ -181,3 +181,16 @@ def test_instantx_controlnet_without_a_vae_says_what_to_connect(env):
     pack, _, _, _ = env
     with pytest.raises(RuntimeError, match="takes a VAE-encoded control image: connect a VAE"):
         _controlled(pack, 2, "union_tiny.safetensors", 1.0, None, 1)
+
+
+@pytest.mark.parametrize("strategy,cfg,batch", [("cfg_parallel", 3.0, 1), ("data_parallel", 1.0, 3)])
+def test_cfg_and_data_parallel_strategies_match_one_rank(env, strategy, cfg, batch):
+    pack, state, _, _ = env
+    nodes = pack.NODE_CLASS_MAPPINGS
+    outs = []
+    for gpus, strat in ((2, strategy), (1, "auto")):
+        (model,) = nodes["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp32", gpus, strat)
+        (out,) = nodes["XDiTSampler"]().sample(model, _conditioning(), _conditioning(1), _latent(batch=batch), 5,
+                                               STEPS, cfg, "euler", "simple", 1.0)
+        outs.append(out["samples"])
+    assert outs[0].shape == (batch, 16, 8, 12) and _rel(outs[0], outs[1]) <= 1e-4
