@@ -1,0 +1,8 @@
+"""PipeFusion: contiguous block ranges per stage, row patches, stale K/V after synchronous warmup steps."""
+
+from .pipeline import PipeFusionRunner, PipelineStage, StageLink
+from .schedule import Patch, PipeFusionOptions, balance_stages, row_patches, stage_ranges
+from .stale_kv import PatchWindow, StaleKVAttention
+
+__all__ = ["Patch", "PatchWindow", "PipeFusionOptions", "PipeFusionRunner", "PipelineStage", "StageLink",
+           "StaleKVAttention", "balance_stages", "row_patches", "stage_ranges"]

@@ -1,0 +1,156 @@
+"""Flux.1 as PipeFusion stages: the block list, per-stage residency, and the stage adapter.
+
+Blocks run in order 19 double then 38 single (at full size); both kinds take and return
+(text, image) hidden states, so a stage is a plain loop over its range. Attention keeps
+diffusers' projections and RoPE (flux.py's processor) with the attention call swapped for the
+stale-K/V one.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformer2DModel
+
+from ..models.flux import PATCH, FluxModel, _SequenceShardState, _USPFluxAttnProcessor
+from .pipeline import PipeFusionRunner, StageLink
+from .schedule import Patch, PipeFusionOptions, row_patches, stage_ranges
+from .stale_kv import PatchWindow, StaleKVAttention
+
+_EMBED = ("x_embedder", "context_embedder")  # first stage only
+_HEAD = ("norm_out", "proj_out")             # last stage only; time_text_embed stays on every stage (tiny)
+
+
+def _numel(module: torch.nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def flux_blocks(transformer: FluxTransformer2DModel) -> list[torch.nn.Module]:
+    return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+
+
+def flux_block_costs(transformer: FluxTransformer2DModel) -> list[int]:
+    """Parameters per block, the embedders counted on the first block and the head on the last
+    (works on a meta-device model, so a loader can plan residency before reading weights)."""
+    costs = [_numel(b) for b in flux_blocks(transformer)]
+    costs[0] += sum(_numel(getattr(transformer, n)) for n in _EMBED)
+    costs[-1] += sum(_numel(getattr(transformer, n)) for n in _HEAD)
+    return costs
+
+
+class FluxStage:
+    """Blocks [start, stop) of one Flux transformer on this rank; every other block is dropped."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, is_first: bool, is_last: bool):
+        self.transformer = transformer
+        self.is_first, self.is_last = is_first, is_last
+        self.window = PatchWindow()
+        self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.out_channels = transformer.out_channels * transformer.config.patch_size ** 2
+        self.blocks = flux_blocks(transformer)[start:stop]
+        num_double = len(transformer.transformer_blocks)
+        for i in [i for i in range(len(flux_blocks(transformer))) if not start <= i < stop]:
+            # Identity keeps block indices stable for key mapping (LoRA) of the resident blocks
+            if i < num_double:
+                transformer.transformer_blocks[i] = torch.nn.Identity()
+            else:
+                transformer.single_transformer_blocks[i - num_double] = torch.nn.Identity()
+        for name in (() if is_first else _EMBED) + (() if is_last else _HEAD):
+            setattr(transformer, name, None)
+        layers = [m for block in self.blocks for m in block.modules() if isinstance(m, FluxAttention)]
+        for layer, attn in enumerate(layers):
+            attn.set_processor(_USPFluxAttnProcessor(_SequenceShardState(StaleKVAttention(self.window, layer))))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def begin_step(self, hidden_states, encoder_hidden_states, pooled, timestep, img_ids, txt_ids, guidance=None):
+        """FluxModel.forward's inputs; the same conditioning diffusers' forward computes, on every stage."""
+        t, dtype = self.transformer, self.dtype
+        timestep = timestep.to(dtype) * 1000
+        self.temb = (t.time_text_embed(timestep, pooled) if guidance is None
+                     else t.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled))
+        self.rope = t.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        self.batch, self.text_len, self.image_len = hidden_states.shape[0], txt_ids.shape[0], img_ids.shape[0]
+        if self.is_first:
+            self.image_tokens = hidden_states
+            self.text = t.context_embedder(encoder_hidden_states)
+
+    def embed(self, patch: Patch) -> torch.Tensor:
+        h = self.transformer.x_embedder(self.image_tokens[:, patch.start + patch.text_len - self.text_len:
+                                                          patch.stop - self.text_len])
+        return torch.cat([self.text, h], dim=1) if patch.text_len else h
+
+    def run(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
+        text, image = h[:, :patch.text_len], h[:, patch.text_len:]
+        rope = tuple(r[patch.start:patch.stop] for r in self.rope)
+        for block in self.blocks:
+            text, image = block(hidden_states=image, encoder_hidden_states=text, temb=self.temb,
+                                image_rotary_emb=rope)
+        return torch.cat([text, image], dim=1)
+
+    def head(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
+        return self.transformer.proj_out(self.transformer.norm_out(h[:, patch.text_len:], self.temb))
+
+    def activation(self, patch: Patch) -> torch.Tensor:
+        return torch.empty(self.batch, patch.size, self.width, dtype=self.dtype, device=self.device)
+
+    def output(self) -> torch.Tensor:
+        return torch.empty(self.batch, self.image_len, self.out_channels, dtype=self.dtype, device=self.device)
+
+
+class _ForwardThrough:
+    """The FluxModel as FluxModel.denoiser reads it, with forward routed through a pipeline runner."""
+
+    def __init__(self, model: FluxModel, forward):
+        self._model, self.forward = model, forward
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class FluxPipeFusion:
+    """A FluxModel run as this rank's PipeFusion stage of its mesh's "pp" axis: a model adapter for sample().
+
+    Drops the blocks of the other stages from model.transformer (the model is this object's now).
+    """
+
+    def __init__(self, model: FluxModel, options: PipeFusionOptions = PipeFusionOptions()):
+        mesh = model.mesh
+        if mesh is None or mesh.sp_degree != 1:
+            raise ValueError("PipeFusion runs with ring_degree = ulysses_degree = 1 for now (no hybrid with USP)")
+        self.model, self.mesh, self.options = model, mesh, options
+        self.link = StageLink(mesh.group("pp"))
+        transformer = model.transformer
+        options.validate(self.link.size, len(flux_blocks(transformer)))
+        self.stage_bounds = stage_ranges(flux_block_costs(transformer), self.link.size, options.stage_blocks)
+        start, stop = self.stage_bounds[self.link.rank]
+        self.stage = FluxStage(transformer, start, stop, self.link.rank == 0, self.link.rank == self.link.size - 1)
+
+    latent_format = FluxModel.latent_format
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def time_shift_mu(self, latent_shape: tuple[int, ...]) -> float:
+        return self.model.time_shift_mu(latent_shape)
+
+    def check_latent(self, latent_shape: tuple[int, ...]) -> None:
+        self.model.check_latent(latent_shape)
+        rows, patches = latent_shape[-2] // PATCH, self.options.num_pipeline_patch
+        if patches > rows:
+            raise ValueError(f"num_pipeline_patch {patches} exceeds the {rows} token rows of a "
+                             f"{latent_shape[-1] * 8}x{latent_shape[-2] * 8} px image; use at most {rows}")
+
+    def denoiser(self, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
+                 latent_shape: tuple[int, ...]):
+        self.check_latent(latent_shape)
+        h, w = latent_shape[-2:]
+        patches = row_patches(context.shape[1], h // PATCH, w // PATCH, self.options.num_pipeline_patch)
+        runner = PipeFusionRunner(self.stage, self.link, self.options, patches)
+        return FluxModel.denoiser(_ForwardThrough(self.model, runner), context, pooled, guidance, latent_shape)
