@@ -22,7 +22,7 @@ from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
 CATEGORY = "xDiT"
 CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
 ENGINE = Engine()
-STRATEGIES = ("auto", "ulysses", "ring", "cfg_parallel", "data_parallel", "manual")
+STRATEGIES = ("auto", "ulysses", "ring", "cfg_parallel", "data_parallel", "pipefusion", "manual")
 
 
 def _max_gpus() -> int:
@@ -51,6 +51,8 @@ def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, d
         return (("cfg_degree", 2), ("ulysses_degree", gpus // 2))
     if strategy == "data_parallel":  # batch items on different GPUs
         return (("dp_degree", gpus),)
+    if strategy == "pipefusion":  # blocks split over GPUs, latent in row patches (1 warmup step, then stale K/V)
+        return (("pipefusion_degree", gpus),)
     if ulysses * ring * cfg * dp != gpus:
         raise ValueError(f"manual strategy: dp_degree {dp} x cfg_degree {cfg} x ulysses_degree {ulysses} x "
                          f"ring_degree {ring} = {ulysses * ring * cfg * dp}, but {gpus} GPUs were asked for; "
@@ -91,6 +93,8 @@ class XDiTModelLoader:
                                                 "tooltip": "auto: as much Ulysses as the heads allow, the rest "
                                                            "Ring. cfg_parallel: the negative prompt on half the "
                                                            "GPUs. data_parallel: batch items spread over GPUs. "
+                                                           "pipefusion: blocks split over GPUs (less memory "
+                                                           "per GPU; approximate after the first step). "
                                                            "manual: the degrees below."}),
             },
             "optional": {

@@ -21,6 +21,8 @@ from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transfo
 from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
 from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
+from comfy_xdit.pipefusion import PipeFusionOptions
+from comfy_xdit.pipefusion.flux import FluxPipeFusion
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.vae import loader as vae_loader
 
@@ -141,6 +143,8 @@ class WorkerState:
         dtype = args.get("dtype", "bf16")
         source = f"random:{args['random_preset']}" if args.get("random_preset") else os.path.abspath(args["path"])
         layout = ",".join(f"{k}={v}" for k, v in sorted((args.get("parallel") or {}).items())) or "auto"
+        if (args.get("parallel") or {}).get("pipefusion_degree", 1) > 1:
+            layout += f",patches={args.get('num_pipeline_patch', 2)},warmup={args.get('warmup_steps', 1)}"
         key = f"{source}|{dtype}|{args.get('attention_kernel') or 'default'}|{layout}|compile={bool(args.get('compile'))}"
         if key not in self.models:
             if args.get("random_preset"):
@@ -159,10 +163,22 @@ class WorkerState:
                 parallel.validate(world_size=self.world_size, num_heads=heads)
             except ParallelConfigError as e:
                 raise RequestError(str(e)) from e
-            _require(parallel.pipefusion_degree == 1, "pipefusion is not available yet: set pipefusion_degree = 1")
-            self.models[key] = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
+            pipefusion = parallel.pipefusion_degree > 1
+            _require(not pipefusion or parallel.sp_degree == 1,
+                     "pipefusion with ulysses or ring inside a stage is not available yet: set ring_degree = "
+                     "ulysses_degree = 1 (cfg_degree and dp_degree combine with it)")
+            _require(not (pipefusion and args.get("compile")), "compile is not available with pipefusion yet")
+            model = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
             if args.get("compile"):
-                self.models[key].compile_blocks()
+                model.compile_blocks()
+            if pipefusion:  # this rank keeps only its stage's blocks from here on
+                try:
+                    options = PipeFusionOptions(num_pipeline_patch=int(args.get("num_pipeline_patch", 2)),
+                                                warmup_steps=int(args.get("warmup_steps", 1)))
+                    model = FluxPipeFusion(model, options)
+                except ValueError as e:
+                    raise RequestError(str(e)) from e
+            self.models[key] = model
         model = self.models[key]
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
@@ -196,6 +212,7 @@ class WorkerState:
 
     def _apply_loras(self, key: str, loras: list) -> None:
         model = self.models[key]
+        _require(not loras or model.mesh.config.pipefusion_degree == 1, "LoRAs are not available with pipefusion yet")
         parsed = []
         for path, strength in loras:
             lora_id = (os.path.abspath(path), os.path.getmtime(path))
@@ -269,6 +286,7 @@ class WorkerState:
         negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
         self._apply_loras(args["model_key"], args.get("loras") or [])
         if args.get("controls"):
+            _require(model.mesh.config.pipefusion_degree == 1, "ControlNets are not available with pipefusion yet")
             model = ControlledFluxModel(model, [self._control(model, c, tensors[f"control_image_{i}"],
                                                               tuple(tensors["latent"].shape))
                                                 for i, c in enumerate(args["controls"])])

@@ -133,6 +133,11 @@ class FluxPipeFusion:
 
     latent_format = FluxModel.latent_format
 
+    def __getattr__(self, name):  # the rest of the adapter (variant, config, dtype, ...) is the model's
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
     @property
     def device(self) -> torch.device:
         return self.model.device

@@ -280,3 +280,16 @@ def test_two_launchers_form_one_pool(checkpoint):
     finally:
         pool.shutdown()
         joiner.kill()
+
+
+def test_pipefusion_through_the_pool(pool2, checkpoint):
+    args, _ = pool2.request("load_model", {"path": checkpoint, "dtype": "fp32", "parallel": {"pipefusion_degree": 2},
+                                           "num_pipeline_patch": 2, "warmup_steps": 4})
+    _, out = pool2.request("sample", {"model_key": args["model_key"], "seed": 2, "steps": 4}, _inputs(seed=2))
+    inp = _inputs(seed=2)
+    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"], inp["latent"],
+                       seed=2, steps=4)
+    assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4  # synchronous: exact
+    with pytest.raises(RequestFailed, match="LoRAs are not available with pipefusion yet"):
+        pool2.request("sample", {"model_key": args["model_key"], "seed": 2, "steps": 1,
+                                 "loras": [[checkpoint, 1.0]]}, _inputs(seed=2))
