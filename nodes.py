@@ -18,10 +18,12 @@ from .comfy_xdit.client import (Conditioning, Control, ControlNetHandle, Engine,
                                 WEIGHT_DTYPES, available_devices)
 from .comfy_xdit.pool.controller import PoolError
 from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
+from .comfy_xdit.web_status import ActivityTracker, make_event_sender, register_routes
 
 CATEGORY = "xDiT"
 CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
 ENGINE = Engine()
+TRACKER = ActivityTracker()  # what the xDiT sidebar tab shows: the running request, its steps, the last error
 STRATEGIES = ("auto", "ulysses", "ring", "cfg_parallel", "data_parallel", "pipefusion", "manual")
 
 
@@ -32,7 +34,7 @@ def _max_gpus() -> int:
 def _run(fn, *args, **kwargs):
     """Engine errors become plain exceptions with the root cause: ComfyUI shows them, and stays up."""
     try:
-        return fn(*args, **kwargs)
+        return TRACKER.run(fn, *args, **kwargs)  # also reports kind, model, steps and errors to the sidebar tab
     except PoolError as e:
         raise RuntimeError(f"xDiT worker pool: {e}") from e
 
@@ -311,3 +313,19 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTControlNetLoader": "Load ControlNet (xDiT)",
     "XDiTApplyControlNet": "Apply ControlNet (xDiT)",
 }
+
+
+def _register_web() -> None:
+    """Routes and websocket events of the xDiT sidebar tab (web/xdit.js)."""
+    try:
+        from server import PromptServer
+    except ImportError:  # imported outside a ComfyUI server (tests)
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return
+    register_routes(server.routes, ENGINE, TRACKER)
+    TRACKER.add_listener(make_event_sender(server.send_sync, ENGINE, TRACKER))
+
+
+_register_web()

@@ -23,7 +23,8 @@ from .models.flux_random import PRESETS, flux_config
 from .pool.controller import PoolOptions, WorkerPool
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
-              "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None}
+              "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None,
+              "pipefusion": lambda n: {"pipefusion_degree": n}}
 
 
 def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--kernel", default=None, help="attention kernel: cudnn, flash, efficient (default: cudnn)")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    p.add_argument("--pipeline-patches", type=int, default=2, help="pipefusion: row patches per step")
+    p.add_argument("--warmup-steps", type=int, default=1, help="pipefusion: synchronous steps first")
     p.add_argument("--baseline", action="store_true", help="also time diffusers FluxPipeline on 1 GPU")
     p.add_argument("--json", default=None, help="write the rows here too")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run on CPU ranks")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
                 for compiled in compiles:
                     dtype = "bf16" if args.device == "cuda" else "fp32"
                     load = dict(random_preset=args.preset, dtype=dtype, attention_kernel=args.kernel,
-                                parallel=STRATEGIES.get(strategy, lambda n: None)(gpus), compile=compiled)
+                                parallel=STRATEGIES.get(strategy, lambda n: None)(gpus), compile=compiled,
+                                num_pipeline_patch=args.pipeline_patches, warmup_steps=args.warmup_steps)
                     key = pool.request("load_model", load)[0]["model_key"]
                     for px in resolutions:
                         g = torch.Generator().manual_seed(0)
