@@ -25,6 +25,7 @@ from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.flux import FluxPipeFusion
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.vae import loader as vae_loader
+from comfy_xdit.vae.parallel import parallel_decode, parallel_encode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
@@ -198,17 +199,26 @@ class WorkerState:
         return dict(model_key=key, latent_channels=info.latent_channels)
 
     def _vae(self, kind: str, args: dict, tensors: dict) -> tuple[dict, dict]:
-        """One rank decodes/encodes until the patch-parallel VAE lands; the others wait for the next request."""
-        if self.rank != 0:
-            return {}, {}
+        """Patch-parallel decode/encode: every rank takes a band of rows; the result lands on rank 0."""
         vae, info = self.vaes[args["vae_key"]]
         with torch.inference_mode():
             if kind == "decode":
-                samples = tensors["samples"]
+                samples = tensors["samples"].to(self.device)
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
-                return {}, {"images": vae_loader.decode(vae, samples).float().cpu()}
-            return {}, {"samples": vae_loader.encode(vae, tensors["images"]).float().cpu()}
+                if samples.shape[2] >= self.world_size:
+                    out = parallel_decode(vae, samples)
+                else:  # fewer latent rows than ranks: one rank decodes it whole
+                    out = vae_loader.decode(vae, samples) if self.rank == 0 else None
+                name = "images"
+            else:
+                images = tensors["images"].to(self.device)
+                if images.shape[1] // 8 >= self.world_size:
+                    out = parallel_encode(vae, images)
+                else:
+                    out = vae_loader.encode(vae, images) if self.rank == 0 else None
+                name = "samples"
+        return ({}, {name: out.float().cpu()}) if self.rank == 0 else ({}, {})
 
     def _apply_loras(self, key: str, loras: list) -> None:
         model = self.models[key]

@@ -95,9 +95,14 @@ def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
     cond = _conditioning()[0]
     ref = sample(model, cond[0], cond[1]["pooled_output"], _latent()["samples"], seed=3, steps=STEPS, guidance=3.0)
     assert _rel(two["samples"], ref) <= 1e-4
-    # img2img: VAE Encode -> sampler with denoise < 1 keeps the latent's shape and runs fewer steps
+    # the patch-parallel VAE on 2 ranks equals one rank
     (encoded,) = nodes["XDiTVAEEncode"]().encode(image, vae)
     assert encoded["samples"].shape == (1, 16, 8, 12)
+    (vae_one,) = nodes["XDiTVAELoader"]().load("ae_tiny.safetensors", 1)
+    (image_one,) = nodes["XDiTVAEDecode"]().decode(two, vae_one)
+    (encoded_one,) = nodes["XDiTVAEEncode"]().encode(image, vae_one)
+    assert float((image - image_one).abs().max()) <= 1e-5
+    assert float((encoded["samples"] - encoded_one["samples"]).abs().max()) <= 1e-5
 
 
 def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):
