@@ -15,8 +15,7 @@ import torch.distributed as dist
 
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
-from comfy_xdit.models.flux import FluxModel
-from comfy_xdit.models.flux import FLUX_LATENT
+from comfy_xdit.models.flux import FLUX_LATENT, FluxModel
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
 from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora

@@ -13,7 +13,6 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import threading
 import time
 
 import torch

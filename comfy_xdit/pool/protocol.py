@@ -22,7 +22,6 @@ import uuid
 from multiprocessing import AuthenticationError, shared_memory
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 
-import numpy as np
 import torch
 
 try:
