@@ -16,8 +16,7 @@ from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.sampling import batch_split, sample
-from comfy_xdit.spmd import run_spmd
-from tests.flux_tiny import make_tiny_flux, write_flux_checkpoint
+from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
 TOL = 1e-4
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))  # TEST_SEED reproduces a failure
@@ -91,10 +90,8 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = make_tiny_flux(seed=SEED % 1000)
-    path = tmp_path_factory.mktemp("cfg_dp") / "flux_tiny.safetensors"
-    write_flux_checkpoint(model, path, layout="bfl")
-    return str(path), dict(model.config)
+    path, model = tiny_checkpoint(tmp_path_factory.mktemp("cfg_dp"), seed=SEED % 1000)
+    return path, dict(model.config)
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +104,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def parallel(checkpoint):
     path, config = checkpoint
-    cache = {}
-
-    def get(world_size):
-        if world_size not in cache:
-            cache[world_size] = run_spmd(world_size, _rank_main, path, SEED, config)
-        return cache[world_size]
-
-    return get
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return spmd_per_world_size(_rank_main, path, SEED, config)
 
 
 PARAMS = [(ws, _key(layout), name) for ws, layouts in LAYOUTS.items() for layout, names in layouts for name in names]
@@ -130,7 +116,7 @@ def test_parallel_matches_single_process(parallel, reference, world_size, layout
     for rank, results in enumerate(parallel(world_size)):
         res = results[(layout, name)]
         assert res["out"].shape == expected.shape, f"rank {rank}: every rank returns the whole batch"
-        err = _rel_err(res["out"], expected)
+        err = rel_err(res["out"], expected)
         assert err <= TOL, f"seed {SEED}: rank {rank} {layout} {name}: rel err {err:.2e}"
         dp_rank, dp = res["dp"]
         start, stop = batch_split(expected.shape[0], dp)[dp_rank]
@@ -154,7 +140,7 @@ def test_reference_is_not_trivial(reference):
     # A parallel path that dropped the guidance or a batch item would not pass the comparisons above.
     for name, x in reference.items():
         assert torch.isfinite(x).all() and x.std() > 0.05, name
-    assert _rel_err(reference["b1-cfg"], reference["b1-cfg1"]) > 0.05
+    assert rel_err(reference["b1-cfg"], reference["b1-cfg1"]) > 0.05
 
 
 def test_batch_split_is_tensor_split():

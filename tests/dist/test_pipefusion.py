@@ -19,8 +19,7 @@ from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.pipefusion import PipeFusionOptions, balance_stages, row_patches
 from comfy_xdit.pipefusion.flux import FluxPipeFusion, flux_block_costs
 from comfy_xdit.sampling import sample
-from comfy_xdit.spmd import run_spmd
-from tests.flux_tiny import make_tiny_flux, write_flux_checkpoint
+from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))
 EXACT_TOL = 1e-4
@@ -65,10 +64,8 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = make_tiny_flux(seed=SEED % 1000, **CONFIG)
-    path = tmp_path_factory.mktemp("pipefusion") / "flux_tiny.safetensors"
-    write_flux_checkpoint(model, path, layout="bfl")
-    return str(path), dict(model.config), model
+    path, model = tiny_checkpoint(tmp_path_factory.mktemp("pipefusion"), seed=SEED % 1000, **CONFIG)
+    return path, dict(model.config), model
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +77,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def parallel(checkpoint):
     path, config, _ = checkpoint
-    cache = {}
-
-    def get(world_size):
-        if world_size not in cache:
-            cache[world_size] = run_spmd(world_size, _rank_main, path, SEED, config)
-        return cache[world_size]
-
-    return get
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return spmd_per_world_size(_rank_main, path, SEED, config)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -99,7 +85,7 @@ def test_synchronous_steps_equal_serial(parallel, reference, world_size):
     assert torch.isfinite(reference).all() and reference.std() > 0.05
     for rank, results in enumerate(parallel(world_size)):
         for case in ("sync", "one_patch"):
-            err = _rel_err(results[case], reference)
+            err = rel_err(results[case], reference)
             assert err <= EXACT_TOL, f"seed {SEED}: pp {world_size} rank {rank} {case}: rel err {err:.2e}"
 
 
@@ -108,7 +94,7 @@ def test_stale_kv_stays_near_serial(parallel, reference, world_size):
     per_rank = parallel(world_size)
     for rank, results in enumerate(per_rank):
         assert torch.equal(results["stale"], per_rank[0]["stale"]), "ranks disagree on the gathered x0"
-    err = _rel_err(per_rank[0]["stale"], reference)
+    err = rel_err(per_rank[0]["stale"], reference)
     # nonzero: the patched path really ran with stale K/V; bounded: the buffers were the right ones
     assert 1e-6 < err <= STALE_TOL, f"seed {SEED}: pp {world_size} stale K/V: rel err {err:.2e}"
 

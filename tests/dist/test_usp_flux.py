@@ -17,8 +17,7 @@ from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel, image_ids
 from comfy_xdit.sampling import sample
-from comfy_xdit.spmd import run_spmd
-from tests.flux_tiny import make_tiny_flux, write_flux_checkpoint
+from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
 TOL = 1e-4
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))  # TEST_SEED reproduces a failure
@@ -68,10 +67,8 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = make_tiny_flux(seed=SEED % 1000)
-    path = tmp_path_factory.mktemp("usp") / "flux_tiny.safetensors"
-    write_flux_checkpoint(model, path, layout="bfl")
-    return str(path), dict(model.config)
+    path, model = tiny_checkpoint(tmp_path_factory.mktemp("usp"), seed=SEED % 1000)
+    return path, dict(model.config)
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +86,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def parallel(checkpoint):
     path, config = checkpoint
-    cache = {}
-
-    def get(world_size):
-        if world_size not in cache:
-            per_rank = run_spmd(world_size, _rank_main, path, SEED, config)
-            cache[world_size] = per_rank
-        return cache[world_size]
-
-    return get
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return spmd_per_world_size(_rank_main, path, SEED, config)
 
 
 CASES = [(ws, "x".join(f"{k.split('_')[0]}{v}" for k, v in layout.items()), kind, t)
@@ -117,7 +102,7 @@ def test_parallel_matches_single_process(parallel, reference, world_size, layout
     for rank, results in enumerate(per_rank):
         got = results[(layout, kind, text_len)]
         assert got.shape == expected.shape
-        err = _rel_err(got, expected)
+        err = rel_err(got, expected)
         assert err <= TOL, f"seed {SEED}: rank {rank} {layout} {kind} text {text_len}: rel err {err:.2e}"
 
 
