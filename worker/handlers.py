@@ -24,7 +24,7 @@ from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.flux import FluxPipeFusion
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.vae import loader as vae_loader
-from comfy_xdit.vae.parallel import parallel_decode, parallel_encode
+from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel_encode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
@@ -205,6 +205,14 @@ class WorkerState:
                 samples = tensors["samples"].to(self.device)
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
+                if self.device.type == "cuda":  # the smallest free memory of any rank, so all ranks agree
+                    free = torch.tensor([torch.cuda.mem_get_info(self.device)[0]], dtype=torch.int64)
+                    dist.all_reduce(free, op=dist.ReduceOp.MIN, group=self.control)
+                    try:
+                        check_decode_fits(info.config, tuple(samples.shape), self.world_size,
+                                          next(vae.parameters()).dtype, int(free), "the fullest GPU")
+                    except MemoryError as e:
+                        raise RequestError(str(e), kind="memory") from e
                 if samples.shape[2] >= self.world_size:
                     out = parallel_decode(vae, samples)
                 else:  # fewer latent rows than ranks: one rank decodes it whole

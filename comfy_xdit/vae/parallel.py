@@ -219,3 +219,16 @@ def estimate_decode_bytes(vae_config, latent_shape, ranks: int, dtype: torch.dty
     scale = 2 ** (len(channels) - 1)
     image = 2 * 3 * (h * scale) * (w * scale) * 4  # fp32 IMAGE bands and their concatenation on rank 0
     return b * (peak * elem + image)
+
+
+def check_decode_fits(vae_config, latent_shape, ranks: int, dtype: torch.dtype, free_bytes: int,
+                      device: str = "cuda:0") -> None:
+    """Refuse a decode that would not fit, saying how much it needs (the estimate runs ~10% high)."""
+    need = estimate_decode_bytes(vae_config, latent_shape, ranks, dtype)
+    if need > free_bytes:
+        _, _, h, w = latent_shape
+        more = next((n for n in range(ranks + 1, 8 * ranks + 1)
+                     if estimate_decode_bytes(vae_config, latent_shape, n, dtype) <= free_bytes), None)
+        hint = f"; it would fit on {more} GPUs" if more else "; use fewer pixels"
+        raise MemoryError(f"decoding {w * 8}x{h * 8} px needs about {need / 2**30:.1f} GB per GPU on {ranks} GPU(s); "
+                          f"{free_bytes / 2**30:.1f} GB free on {device}{hint}")

@@ -155,3 +155,16 @@ def test_estimate_decode_bytes_falls_with_ranks():
     one = estimate_decode_bytes(flux, (1, 16, 128, 128), 1)
     assert estimate_decode_bytes(flux, (1, 16, 128, 128), 1, dtype=torch.bfloat16) < one
     assert estimate_decode_bytes(flux, (2, 16, 128, 128), 1) == 2 * one
+
+
+def test_a_decode_that_cannot_fit_is_refused_with_what_it_needs():
+    from comfy_xdit.vae.parallel import check_decode_fits
+
+    flux = dict(block_out_channels=(128, 256, 512, 512))
+    shape = (1, 16, 1024, 1024)  # 8192 px
+    need_one = estimate_decode_bytes(flux, shape, 1, torch.bfloat16)
+    budget = need_one // 3
+    with pytest.raises(MemoryError, match=r"decoding 8192x8192 px needs about [\d.]+ GB per GPU on 1 GPU\(s\); "
+                                          r"[\d.]+ GB free on cuda:0; it would fit on \d+ GPUs"):
+        check_decode_fits(flux, shape, 1, torch.bfloat16, budget)
+    check_decode_fits(flux, shape, 1, torch.bfloat16, need_one)  # exactly enough: no error
