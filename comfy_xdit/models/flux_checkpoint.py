@@ -106,6 +106,14 @@ def _guess_family(keys) -> str:
     return "is this an SD/SDXL UNet or a VAE/text encoder?"
 
 
+def key_sample(keys, n: int = 4) -> str:
+    """A few keys, one per top-level prefix, shortened: enough to recognise what a file holds."""
+    first = {}
+    for k in sorted(keys):
+        first.setdefault(k.split(".")[0], k)
+    return ", ".join(repr(k if len(k) < 40 else k[:37] + "...") for k in list(first.values())[:n])
+
+
 def detect_layout(keys) -> str:
     """'bfl' for BFL/ComfyUI keys (prefix optional), 'diffusers' for diffusers keys, else CheckpointError."""
     ks = [_strip(k) for k in keys]
@@ -115,12 +123,8 @@ def detect_layout(keys) -> str:
         return "bfl"
     if "x_embedder.weight" in ks and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in ks):
         return "diffusers"
-    seen = {}
-    for k in sorted(ks):
-        seen.setdefault(k.split(".")[0], k)
-    sample = ", ".join(repr(k if len(k) < 40 else k[:37] + "...") for k in list(seen.values())[:4])
     raise CheckpointError("does not look like a Flux.1 transformer: no 'double_blocks.*' or 'transformer_blocks.*' "
-                          f"keys (found keys like {sample}); {_guess_family(ks)}")
+                          f"keys (found keys like {key_sample(ks)}); {_guess_family(ks)}")
 
 
 def _num_blocks(keys, prefix) -> int:

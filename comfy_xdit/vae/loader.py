@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from comfy_xdit.models.flux_checkpoint import _ST_DTYPES, CheckpointError, _header, _num_blocks, _read
+from comfy_xdit.models.flux_checkpoint import _ST_DTYPES, CheckpointError, _header, _num_blocks, _read, key_sample
 
 PREFIXES = ("first_stage_model.", "vae.")
 # latent_channels -> (name, scale, shift) as in ComfyUI's latent_formats; 16 could also be SD3 (1.5305, 0.0609)
@@ -94,12 +94,8 @@ def _not_a_vae(keys) -> CheckpointError:
              (("joint_blocks.",), "an SD3 MMDiT"), (("taesd_",), "a TAESD model"),
              (("text_model.", "encoder.block.", "shared.", "cond_stage_model.", "text_encoders."), "a text encoder")]
     hint = next((f"; this looks like {name}" for pre, name in hints if any(k.startswith(pre) for k in keys)), "")
-    seen = {}
-    for k in sorted(keys):
-        seen.setdefault(k.split(".")[0], k)
-    sample = ", ".join(repr(k if len(k) < 40 else k[:37] + "...") for k in list(seen.values())[:4])
     return CheckpointError("does not look like a KL VAE: no 'encoder.conv_in.weight' and 'decoder.conv_in.weight' "
-                           f"(found keys like {sample}){hint}")
+                           f"(found keys like {key_sample(keys)}){hint}")
 
 
 def detect_vae_layout(keys) -> str:
