@@ -8,12 +8,14 @@ stale-K/V one.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformer2DModel
 
-from ..models.flux import PATCH, FluxModel, _SequenceShardState, _USPFluxAttnProcessor
+from ..models.flux import PATCH, FluxModel, _all_gather_seq, _SequenceShardState, _USPFluxAttnProcessor
 from .pipeline import PipeFusionRunner, StageLink
-from .schedule import Patch, PipeFusionOptions, row_patches, stage_ranges
+from .schedule import Patch, PipeFusionOptions, row_patches, shard_patches, stage_ranges
 from .stale_kv import PatchWindow, StaleKVAttention
 
 _EMBED = ("x_embedder", "context_embedder")  # first stage only
@@ -37,13 +39,28 @@ def flux_block_costs(transformer: FluxTransformer2DModel) -> list[int]:
     return costs
 
 
-class FluxStage:
-    """Blocks [start, stop) of one Flux transformer on this rank; every other block is dropped."""
+def token_index(patch: Patch, text_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(joint, text, image) indices into the full sequences that a patch holds (image counted from 0)."""
+    joint = torch.cat([torch.arange(a, b) for a, b in patch.ranges])
+    return joint, joint[:patch.text_len], joint[patch.text_len:] - text_len
 
-    def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, is_first: bool, is_last: bool):
+
+class FluxStage:
+    """Blocks [start, stop) of one Flux transformer on this rank; every other block is dropped.
+
+    With sequence parallelism inside the stage (model.mesh's ring/ulysses axes), each patch is this
+    rank's slice of it (schedule.shard_patches), attention is USP over the slices' K/V buffers, and
+    the last stage gathers the slices back into token order.
+    """
+
+    def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, is_first: bool, is_last: bool,
+                 model: FluxModel | None = None):
         self.transformer = transformer
         self.is_first, self.is_last = is_first, is_last
+        self.mesh = model.mesh if model is not None else None
+        self.sp_degree = self.mesh.sp_degree if self.mesh is not None else 1
         self.window = PatchWindow()
+        self._indices: dict[tuple, tuple] = {}
         self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.out_channels = transformer.out_channels * transformer.config.patch_size ** 2
         self.blocks = flux_blocks(transformer)[start:stop]
@@ -56,9 +73,11 @@ class FluxStage:
                 transformer.single_transformer_blocks[i - num_double] = torch.nn.Identity()
         for name in (() if is_first else _EMBED) + (() if is_last else _HEAD):
             setattr(transformer, name, None)
+        usp = model._shard_state.attention if self.sp_degree > 1 else None
         layers = [m for block in self.blocks for m in block.modules() if isinstance(m, FluxAttention)]
         for layer, attn in enumerate(layers):
-            attn.set_processor(_USPFluxAttnProcessor(_SequenceShardState(StaleKVAttention(self.window, layer))))
+            stale_kv = StaleKVAttention(self.window, layer, attend=usp)
+            attn.set_processor(_USPFluxAttnProcessor(_SequenceShardState(stale_kv)))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,14 +99,21 @@ class FluxStage:
             self.image_tokens = hidden_states
             self.text = t.context_embedder(encoder_hidden_states)
 
+    def _index(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (patch, self.text_len)
+        if key not in self._indices:
+            self._indices[key] = tuple(t.to(self.device) for t in token_index(patch, self.text_len))
+        return self._indices[key]
+
     def embed(self, patch: Patch) -> torch.Tensor:
-        h = self.transformer.x_embedder(self.image_tokens[:, patch.start + patch.text_len - self.text_len:
-                                                          patch.stop - self.text_len])
-        return torch.cat([self.text, h], dim=1) if patch.text_len else h
+        _, text, image = self._index(patch)
+        h = self.transformer.x_embedder(self.image_tokens[:, image])
+        return torch.cat([self.text[:, text], h], dim=1) if patch.text_len else h
 
     def run(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
         text, image = h[:, :patch.text_len], h[:, patch.text_len:]
-        rope = tuple(r[patch.start:patch.stop] for r in self.rope)
+        joint, _, _ = self._index(patch)
+        rope = tuple(r[joint] for r in self.rope)
         for block in self.blocks:
             text, image = block(hidden_states=image, encoder_hidden_states=text, temb=self.temb,
                                 image_rotary_emb=rope)
@@ -95,6 +121,16 @@ class FluxStage:
 
     def head(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
         return self.transformer.proj_out(self.transformer.norm_out(h[:, patch.text_len:], self.temb))
+
+    def gather(self, out: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """This sp rank's image outputs -> the full sequence; order: every rank's image token indices in
+        sp rank order (see FluxPipeFusion.denoiser)."""
+        for axis in ("ulysses", "ring"):  # sp rank order: ring-major, ulysses-minor
+            if self.mesh.size(axis) > 1:
+                out = _all_gather_seq(out.contiguous(), self.mesh.group(axis))
+        full = torch.empty_like(out)
+        full[:, order] = out
+        return full
 
     def activation(self, patch: Patch) -> torch.Tensor:
         return torch.empty(self.batch, patch.size, self.width, dtype=self.dtype, device=self.device)
@@ -121,15 +157,16 @@ class FluxPipeFusion:
 
     def __init__(self, model: FluxModel, options: PipeFusionOptions = PipeFusionOptions()):
         mesh = model.mesh
-        if mesh is None or mesh.sp_degree != 1:
-            raise ValueError("PipeFusion runs with ring_degree = ulysses_degree = 1 for now (no hybrid with USP)")
+        if mesh is None:
+            raise ValueError("PipeFusion needs a mesh with a pipeline (pp) axis")
         self.model, self.mesh, self.options = model, mesh, options
         self.link = StageLink(mesh.group("pp"))
         transformer = model.transformer
         options.validate(self.link.size, len(flux_blocks(transformer)))
         self.stage_bounds = stage_ranges(flux_block_costs(transformer), self.link.size, options.stage_blocks)
         start, stop = self.stage_bounds[self.link.rank]
-        self.stage = FluxStage(transformer, start, stop, self.link.rank == 0, self.link.rank == self.link.size - 1)
+        self.stage = FluxStage(transformer, start, stop, self.link.rank == 0, self.link.rank == self.link.size - 1,
+                               model)
 
     latent_format = FluxModel.latent_format
 
@@ -151,11 +188,21 @@ class FluxPipeFusion:
         if patches > rows:
             raise ValueError(f"num_pipeline_patch {patches} exceeds the {rows} token rows of a "
                              f"{latent_shape[-1] * 8}x{latent_shape[-2] * 8} px image; use at most {rows}")
+        sp = self.mesh.sp_degree
+        if sp > 1:  # every patch splits over the stage's sequence-parallel ranks
+            shard_patches(row_patches(0, rows, latent_shape[-1] // PATCH, patches), 0, sp, 0)
 
     def denoiser(self, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
                  latent_shape: tuple[int, ...]):
         self.check_latent(latent_shape)
         h, w = latent_shape[-2:]
-        patches = row_patches(context.shape[1], h // PATCH, w // PATCH, self.options.num_pipeline_patch)
-        runner = PipeFusionRunner(self.stage, self.link, self.options, patches)
+        text_len, sp = context.shape[1], self.mesh.sp_degree
+        patches = row_patches(text_len, h // PATCH, w // PATCH, self.options.num_pipeline_patch)
+        local = shard_patches(patches, text_len, sp, self.mesh.sp_rank)
+        gather = None
+        if sp > 1:  # where each rank's image outputs go in the full sequence, in sp rank order
+            order = torch.cat([token_index(p, text_len)[2] for r in range(sp)
+                               for p in shard_patches(patches, text_len, sp, r)])
+            gather = functools.partial(self.stage.gather, order=order.to(self.device))
+        runner = PipeFusionRunner(self.stage, self.link, self.options, local, gather)
         return FluxModel.denoiser(_ForwardThrough(self.model, runner), context, pooled, guidance, latent_shape)

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .schedule import Patch, PipeFusionOptions
+from .schedule import Patch, PipeFusionOptions, whole_step
 from .stale_kv import PatchWindow
 
 
@@ -53,12 +53,16 @@ class PipeFusionRunner:
 
     Steps before options.warmup_steps run as one full-sequence patch (exactly the serial
     computation, and they fill the K/V buffers); later steps run the row patches through the
-    stages with stale K/V. Owns its K/V cache, so each denoiser keeps its own.
+    stages with stale K/V. Owns its K/V cache, so each denoiser keeps its own. `patches` are this
+    rank's (see schedule.shard_patches when a stage is sequence parallel); gather turns the last
+    stage's outputs for them into the full output (None: they already are).
     """
 
-    def __init__(self, stage: PipelineStage, link: StageLink, options: PipeFusionOptions, patches: list[Patch]):
+    def __init__(self, stage: PipelineStage, link: StageLink, options: PipeFusionOptions, patches: list[Patch],
+                 gather=None):
         self.stage, self.link, self.options, self.patches = stage, link, options, patches
-        self.full_patch = Patch(0, patches[-1].stop, patches[0].text_len)
+        self.gather = gather
+        self.full_patch = whole_step(patches)
         self.cache: dict = {}
         self.step = 0
 
@@ -90,7 +94,11 @@ class PipeFusionRunner:
                 sends.append((h, link.send(h, tag)))  # the tensor is kept alive until its send completes
         for _, work in sends:
             work.wait()
-        out = torch.cat(outputs, dim=1).contiguous() if stage.is_last else stage.output()
+        if stage.is_last:
+            out = torch.cat(outputs, dim=1)
+            out = (self.gather(out) if self.gather is not None else out).contiguous()
+        else:
+            out = stage.output()
         if link.size > 1:
             link.broadcast_from_last(out)
         return out

@@ -76,15 +76,22 @@ def stage_ranges(costs: list[int], num_stages: int, stage_blocks: tuple[int, ...
 
 @dataclass(frozen=True)
 class Patch:
-    """A contiguous range of the joint [text | image] token sequence; text_len text tokens lead it."""
+    """A contiguous range [start, stop) of a rank's joint [text | image] token sequence; text_len text
+    tokens lead it. source: the ranges of the full joint sequence it holds, in order, where sequence
+    parallelism inside a stage gives each rank a slice of every patch; () means [start, stop) itself."""
 
     start: int
     stop: int
     text_len: int
+    source: tuple[tuple[int, int], ...] = ()
 
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.source or ((self.start, self.stop),)
 
 
 def row_patches(text_len: int, token_rows: int, tokens_per_row: int, num_patches: int) -> list[Patch]:
@@ -102,3 +109,49 @@ def row_patches(text_len: int, token_rows: int, tokens_per_row: int, num_patches
         patches.append(Patch(start, stop, text_len if i == 0 else 0))
         row += rows
     return patches
+
+
+def whole_step(patches: list[Patch]) -> Patch:
+    """The patches as one: what a synchronous (warmup) step runs, in the same token order, so the K/V
+    buffer it fills lines up with the patched steps' positions."""
+    ranges: list[tuple[int, int]] = []
+    for a, b in (r for p in patches for r in p.ranges):
+        if ranges and ranges[-1][1] == a:  # adjacent ranges merge: without sharding this is [0, stop)
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    return Patch(patches[0].start, patches[-1].stop, patches[0].text_len, tuple(ranges))
+
+
+def shard_patches(patches: list[Patch], text_len: int, degree: int, rank: int) -> list[Patch]:
+    """This rank's slice of every patch, for sequence parallelism of `degree` inside a stage.
+
+    Rank r holds text slice r and image slice r of each patch; its patches are contiguous in its own
+    local sequence [text slice | patch 0 slice | patch 1 slice | ...], which is the layout of its K/V
+    buffer. Attention has no mask and RoPE is applied per token, so which rank holds a token does
+    not change the result.
+    """
+    if degree == 1:
+        return patches
+    if text_len % degree:
+        raise ValueError(f"PipeFusion with sequence parallel degree {degree} inside each stage needs the text "
+                         f"length ({text_len} tokens) to divide by {degree}; use ring_degree = ulysses_degree = 1 "
+                         f"with pipefusion, or a prompt whose token count divides by {degree}")
+    local, offset = [], 0
+    for i, p in enumerate(patches):
+        first_image = max(p.start, text_len)
+        image = p.stop - first_image
+        if image % degree:
+            raise ValueError(f"pipeline patch {i} has {image} image tokens, which do not split over sequence "
+                             f"parallel degree {degree}; choose num_pipeline_patch so that each patch's token "
+                             f"rows x columns divide by {degree}")
+        ranges = []
+        if p.text_len:
+            t = text_len // degree
+            ranges.append((rank * t, (rank + 1) * t))
+        n = image // degree
+        ranges.append((first_image + rank * n, first_image + (rank + 1) * n))
+        size = sum(b - a for a, b in ranges)
+        local.append(Patch(offset, offset + size, p.text_len // degree, tuple(ranges)))
+        offset += size
+    return local

@@ -26,11 +26,16 @@ class PatchWindow:
 
 
 class StaleKVAttention:
-    """Attention callable with the USP signature (q, k, v [b, s, h, d] -> out [b, s, h, d]) for one layer."""
+    """Attention callable with the USP signature (q, k, v [b, s, h, d] -> out [b, s, h, d]) for one layer.
 
-    def __init__(self, window: PatchWindow, layer: int):
+    attend: the attention over (patch Q, whole buffer K/V); USP attention when the stage is sequence
+    parallel (each rank's buffer then holds its slice of every patch), else plain SDPA.
+    """
+
+    def __init__(self, window: PatchWindow, layer: int, attend=None):
         self.window = window
         self.layer = layer
+        self.attend = attend
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, replicated_text_len: int = 0):
         w = self.window
@@ -44,5 +49,7 @@ class StaleKVAttention:
             keys, values = w.cache[self.layer]
             keys[:, w.start:w.stop] = k
             values[:, w.start:w.stop] = v
+        if self.attend is not None:
+            return self.attend(q, keys, values)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         return out.transpose(1, 2)

@@ -1,7 +1,7 @@
 """PipeFusion on real gloo processes vs the serial sample() in this process.
 
-pp 2 and 4 on a tiny Flux (4 double + 4 single blocks), fp32, fresh random weights and inputs
-each run (TEST_SEED reproduces one). Synchronous steps must equal serial; patched steps with
+pp 2 and 4, pp 2 x ulysses 2, pp 2 x ring 2 and cfg 2 x pp 2 on a tiny Flux (4 double + 4 single
+blocks), fp32, fresh random weights and inputs each run (TEST_SEED reproduces one). Synchronous steps must equal serial; patched steps with
 stale K/V must stay near it, and far below what a broken stale-K/V path gives.
 """
 
@@ -16,7 +16,7 @@ import torch
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel
-from comfy_xdit.pipefusion import PipeFusionOptions, balance_stages, row_patches
+from comfy_xdit.pipefusion import PipeFusionOptions, balance_stages, row_patches, shard_patches, whole_step
 from comfy_xdit.pipefusion.flux import FluxPipeFusion, flux_block_costs
 from comfy_xdit.sampling import sample
 from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
@@ -28,37 +28,50 @@ EXACT_TOL = 1e-4
 # buffers instead gives 9.6e-3 .. 1.5e-2, so 4e-3 sits 2.6x above the first and 2.4x below the second.
 STALE_TOL = 4e-3
 STEPS = 8
+CFG = 3.0
 LATENT_HW = (16, 12)  # 8 token rows x 6 columns: 3 patches split 3/3/2 rows, 4 patches 2 rows each
-TEXT_LEN = 7
+TEXT_LEN = 8          # divides by 2: sequence parallel inside a stage splits the text too
 CONFIG = dict(num_layers=4, num_single_layers=4)
-# (warmup_steps, num_pipeline_patch) by pp degree: all synchronous; patched with one patch (its K/V
-# overwrites the whole buffer, so exact: checks the patched plumbing); patched with stale K/V (approximate).
-CASES = {2: {"sync": (STEPS, 3), "one_patch": (1, 1), "stale": (1, 3)},
-         4: {"sync": (STEPS, 4), "one_patch": (1, 1), "stale": (1, 4)}}
+# name -> (degrees, warmup_steps, num_pipeline_patch, cfg) by world size. "sync": all steps synchronous;
+# "one_patch": patched with one patch (its K/V overwrites the whole buffer, so exact: checks the
+# patched plumbing); "stale": patched with stale K/V (approximate). Hybrids run the same patches as pp 4,
+# so their stale result must equal pp 4's: sequence parallelism inside a stage is exact.
+PP2, PP4 = dict(pipefusion_degree=2), dict(pipefusion_degree=4)
+PP2_U2, PP2_R2 = dict(pipefusion_degree=2, ulysses_degree=2), dict(pipefusion_degree=2, ring_degree=2)
+CFG2_PP2 = dict(cfg_degree=2, pipefusion_degree=2)
+CASES = {2: {"sync": (PP2, STEPS, 3, 1.0), "one_patch": (PP2, 1, 1, 1.0), "stale": (PP2, 1, 3, 1.0),
+             "guided_sync": (PP2, STEPS, 3, CFG)},
+         4: {"sync": (PP4, STEPS, 4, 1.0), "one_patch": (PP4, 1, 1, 1.0), "stale": (PP4, 1, 4, 1.0),
+             "pp2_ulysses2_sync": (PP2_U2, STEPS, 4, 1.0), "pp2_ulysses2_stale": (PP2_U2, 1, 4, 1.0),
+             "pp2_ring2_sync": (PP2_R2, STEPS, 4, 1.0), "pp2_ring2_stale": (PP2_R2, 1, 4, 1.0),
+             "cfg2_pp2_sync": (CFG2_PP2, STEPS, 4, CFG), "cfg2_pp2_stale": (CFG2_PP2, 1, 4, CFG)}}
 
 
 def _inputs(seed: int, config: dict) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(context=torch.randn(1, TEXT_LEN, config["joint_attention_dim"], generator=g),
                 pooled=torch.randn(1, config["pooled_projection_dim"], generator=g),
+                negative=(torch.randn(1, TEXT_LEN, config["joint_attention_dim"], generator=g),
+                          torch.randn(1, config["pooled_projection_dim"], generator=g)),
                 latent=torch.zeros(1, 16, *LATENT_HW),
                 noise_seed=int(torch.randint(0, 2**31, (), generator=g)))
 
 
-def _sample(model, inp: dict) -> torch.Tensor:
+def _sample(model, inp: dict, cfg: float = 1.0) -> torch.Tensor:
     return sample(model, inp["context"], inp["pooled"], inp["latent"], seed=inp["noise_seed"], steps=STEPS,
-                  guidance=3.5)
+                  guidance=3.5, cfg=cfg, negative=inp["negative"] if cfg != 1.0 else None)
 
 
 def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
     results = {}
-    for case, (warmup, patches) in CASES[world_size].items():
-        mesh = build_mesh(ParallelConfig(pipefusion_degree=world_size), "cpu")
+    for case, (degrees, warmup, patches, cfg) in CASES[world_size].items():
+        mesh = build_mesh(ParallelConfig(**degrees), "cpu")
         options = PipeFusionOptions(num_pipeline_patch=patches, warmup_steps=warmup)
         model = FluxPipeFusion(FluxModel.load(path, dtype=torch.float32, mesh=mesh), options)
-        results[case] = _sample(model, _inputs(seed, config))
-        results["resident"] = sum(p.numel() for p in model.model.transformer.parameters())
-        results["bounds"] = model.stage_bounds
+        results[case] = _sample(model, _inputs(seed, config), cfg)
+        if case == "sync":
+            results["resident"] = sum(p.numel() for p in model.model.transformer.parameters())
+            results["bounds"] = model.stage_bounds
     return results
 
 
@@ -75,6 +88,12 @@ def reference(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def reference_cfg(checkpoint):
+    path, config, _ = checkpoint
+    return _sample(FluxModel.load(path, dtype=torch.float32), _inputs(SEED, config), CFG)
+
+
+@pytest.fixture(scope="module")
 def parallel(checkpoint):
     path, config, _ = checkpoint
     return spmd_per_world_size(_rank_main, path, SEED, config)
@@ -87,6 +106,32 @@ def test_synchronous_steps_equal_serial(parallel, reference, world_size):
         for case in ("sync", "one_patch"):
             err = rel_err(results[case], reference)
             assert err <= EXACT_TOL, f"seed {SEED}: pp {world_size} rank {rank} {case}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("world_size,case", [(2, "guided_sync"), (4, "cfg2_pp2_sync")])
+def test_guided_synchronous_steps_equal_serial(parallel, reference_cfg, world_size, case):
+    """cfg > 1: cond and uncond through one pipeline (pp 2), or each on its own pipeline (cfg 2 x pp 2)."""
+    for rank, results in enumerate(parallel(world_size)):
+        err = rel_err(results[case], reference_cfg)
+        assert err <= EXACT_TOL, f"seed {SEED}: {case} rank {rank}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["pp2_ulysses2", "pp2_ring2"])
+def test_sequence_parallel_inside_stages(parallel, reference, layout):
+    per_rank = parallel(4)
+    for rank, results in enumerate(per_rank):
+        err = rel_err(results[f"{layout}_sync"], reference)
+        assert err <= EXACT_TOL, f"seed {SEED}: {layout} rank {rank} synchronous: rel err {err:.2e}"
+        # the same patches as pp 4 with stale K/V: equal up to rounding, as USP is exact
+        err = rel_err(results[f"{layout}_stale"], per_rank[rank]["stale"])
+        assert err <= EXACT_TOL, f"seed {SEED}: {layout} rank {rank} stale vs pp 4 stale: rel err {err:.2e}"
+
+
+def test_cfg_parallel_with_stale_kv(parallel, reference_cfg):
+    per_rank = parallel(4)
+    err = rel_err(per_rank[0]["cfg2_pp2_stale"], reference_cfg)
+    assert all(torch.equal(r["cfg2_pp2_stale"], per_rank[0]["cfg2_pp2_stale"]) for r in per_rank)
+    assert 1e-6 < err <= STALE_TOL, f"seed {SEED}: cfg 2 x pp 2 stale K/V: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -125,6 +170,27 @@ def test_balance_is_optimal_and_contiguous():
         worst = max(sum(costs[a:b]) for a, b in bounds)
         assert worst <= sum(costs) / stages + max(costs)
     assert balance_stages([1, 1, 1, 10], 2) == [(0, 3), (3, 4)]
+
+
+def test_sharded_patches_cover_the_sequence_once_per_degree():
+    patches = row_patches(text_len=8, token_rows=8, tokens_per_row=6, num_patches=3)
+    for degree in (2, 3):
+        if 8 % degree:
+            with pytest.raises(ValueError, match=f"text length \\(8 tokens\\) to divide by {degree}"):
+                shard_patches(patches, 8, degree, 0)
+            continue
+        seen = []
+        for rank in range(degree):
+            local = shard_patches(patches, 8, degree, rank)
+            assert local[0].start == 0 and all(a.stop == b.start for a, b in zip(local, local[1:]))
+            assert [p.size for p in local] == [sum(b - a for a, b in p.ranges) for p in local]
+            whole = whole_step(local)
+            assert whole.size == local[-1].stop and whole.text_len == 8 // degree
+            seen += [i for a, b in whole.ranges for i in range(a, b)]
+        assert sorted(seen) == list(range(8 + 48))
+    assert whole_step(patches).ranges == ((0, 56),)  # unsharded: the warmup step is the plain sequence
+    with pytest.raises(ValueError, match="pipeline patch 0 has 18 image tokens.*degree 4"):
+        shard_patches(patches, 8, 4, 0)
 
 
 def test_row_patches_cover_the_joint_sequence_once():
