@@ -1,6 +1,6 @@
 """PipeFusion on real gloo processes vs the serial sample() in this process.
 
-pp 2 and 4, pp 2 x ulysses 2, pp 2 x ring 2 and cfg 2 x pp 2 on a tiny Flux (4 double + 4 single
+pp 2 and 4, pp 2 x ulysses 2, pp 2 x ring 2, cfg 2 x pp 2 and dp 2 x pp 2 on a tiny Flux (4 double + 4 single
 blocks), fp32, fresh random weights and inputs each run (TEST_SEED reproduces one). Synchronous steps must equal serial; patched steps with
 stale K/V must stay near it, and far below what a broken stale-K/V path gives.
 """
@@ -38,22 +38,24 @@ CONFIG = dict(num_layers=4, num_single_layers=4)
 # so their stale result must equal pp 4's: sequence parallelism inside a stage is exact.
 PP2, PP4 = dict(pipefusion_degree=2), dict(pipefusion_degree=4)
 PP2_U2, PP2_R2 = dict(pipefusion_degree=2, ulysses_degree=2), dict(pipefusion_degree=2, ring_degree=2)
-CFG2_PP2 = dict(cfg_degree=2, pipefusion_degree=2)
+CFG2_PP2, DP2_PP2 = dict(cfg_degree=2, pipefusion_degree=2), dict(dp_degree=2, pipefusion_degree=2)
 CASES = {2: {"sync": (PP2, STEPS, 3, 1.0), "one_patch": (PP2, 1, 1, 1.0), "stale": (PP2, 1, 3, 1.0),
              "guided_sync": (PP2, STEPS, 3, CFG)},
          4: {"sync": (PP4, STEPS, 4, 1.0), "one_patch": (PP4, 1, 1, 1.0), "stale": (PP4, 1, 4, 1.0),
              "pp2_ulysses2_sync": (PP2_U2, STEPS, 4, 1.0), "pp2_ulysses2_stale": (PP2_U2, 1, 4, 1.0),
              "pp2_ring2_sync": (PP2_R2, STEPS, 4, 1.0), "pp2_ring2_stale": (PP2_R2, 1, 4, 1.0),
-             "cfg2_pp2_sync": (CFG2_PP2, STEPS, 4, CFG), "cfg2_pp2_stale": (CFG2_PP2, 1, 4, CFG)}}
+             "cfg2_pp2_sync": (CFG2_PP2, STEPS, 4, CFG), "cfg2_pp2_stale": (CFG2_PP2, 1, 4, CFG),
+             "dp2_pp2_sync": (DP2_PP2, STEPS, 4, 1.0)}}
+BATCH_CASES = {"dp2_pp2_sync"}  # two images, one per dp group
 
 
-def _inputs(seed: int, config: dict) -> dict:
+def _inputs(seed: int, config: dict, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(context=torch.randn(1, TEXT_LEN, config["joint_attention_dim"], generator=g),
-                pooled=torch.randn(1, config["pooled_projection_dim"], generator=g),
-                negative=(torch.randn(1, TEXT_LEN, config["joint_attention_dim"], generator=g),
-                          torch.randn(1, config["pooled_projection_dim"], generator=g)),
-                latent=torch.zeros(1, 16, *LATENT_HW),
+    return dict(context=torch.randn(batch, TEXT_LEN, config["joint_attention_dim"], generator=g),
+                pooled=torch.randn(batch, config["pooled_projection_dim"], generator=g),
+                negative=(torch.randn(batch, TEXT_LEN, config["joint_attention_dim"], generator=g),
+                          torch.randn(batch, config["pooled_projection_dim"], generator=g)),
+                latent=torch.zeros(batch, 16, *LATENT_HW),
                 noise_seed=int(torch.randint(0, 2**31, (), generator=g)))
 
 
@@ -68,7 +70,7 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
         mesh = build_mesh(ParallelConfig(**degrees), "cpu")
         options = PipeFusionOptions(num_pipeline_patch=patches, warmup_steps=warmup)
         model = FluxPipeFusion(FluxModel.load(path, dtype=torch.float32, mesh=mesh), options)
-        results[case] = _sample(model, _inputs(seed, config), cfg)
+        results[case] = _sample(model, _inputs(seed, config, 2 if case in BATCH_CASES else 1), cfg)
         if case == "sync":
             results["resident"] = sum(p.numel() for p in model.model.transformer.parameters())
             results["bounds"] = model.stage_bounds
@@ -91,6 +93,12 @@ def reference(checkpoint):
 def reference_cfg(checkpoint):
     path, config, _ = checkpoint
     return _sample(FluxModel.load(path, dtype=torch.float32), _inputs(SEED, config), CFG)
+
+
+@pytest.fixture(scope="module")
+def reference_batch(checkpoint):
+    path, config, _ = checkpoint
+    return _sample(FluxModel.load(path, dtype=torch.float32), _inputs(SEED, config, 2))
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +133,13 @@ def test_sequence_parallel_inside_stages(parallel, reference, layout):
         # the same patches as pp 4 with stale K/V: equal up to rounding, as USP is exact
         err = rel_err(results[f"{layout}_stale"], per_rank[rank]["stale"])
         assert err <= EXACT_TOL, f"seed {SEED}: {layout} rank {rank} stale vs pp 4 stale: rel err {err:.2e}"
+
+
+def test_data_parallel_pipelines_equal_serial(parallel, reference_batch):
+    assert reference_batch.shape[0] == 2
+    for rank, results in enumerate(parallel(4)):
+        err = rel_err(results["dp2_pp2_sync"], reference_batch)
+        assert err <= EXACT_TOL, f"seed {SEED}: dp 2 x pp 2 rank {rank}: rel err {err:.2e}"
 
 
 def test_cfg_parallel_with_stale_kv(parallel, reference_cfg):
