@@ -88,7 +88,9 @@ class XDiTModelLoader:
                 "unet_name": (folder_paths.get_filename_list("diffusion_models"),
                               {"tooltip": "Flux.1 transformer from models/diffusion_models (or models/unet)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16",
-                                                       "tooltip": "Compute dtype; fp8 files are upcast to it."}),
+                                                       "tooltip": "bf16/fp16/fp32: compute dtype; fp8 files are upcast "
+                                                                  "to it. fp8_e4m3fn: the blocks' weights kept in "
+                                                                  "fp8 (half of bf16's memory), computed in bf16."}),
                 "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus(),
                                  "tooltip": "How many GPUs run the model together (one worker each)."}),
                 "strategy": (list(STRATEGIES), {"default": "auto",

@@ -16,7 +16,7 @@ import torch
 
 from .pool.controller import PoolOptions, RequestFailed, WorkerPool
 
-WEIGHT_DTYPES = ("bf16", "fp16", "fp32")
+WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")  # fp8_e4m3fn: fp8 storage, bf16 compute
 
 
 @dataclass(frozen=True)

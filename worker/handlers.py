@@ -16,7 +16,8 @@ import torch.distributed as dist
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
 from comfy_xdit.models.flux import FLUX_LATENT, FluxModel
-from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer
+from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, check_flux_memory, flux_stage_bounds
+from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer, read_flux_info
 from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
 from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
@@ -86,7 +87,8 @@ class WorkerState:
                 _require(preset in PRESETS, f"random_preset must be one of {sorted(PRESETS)}")
             else:
                 _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
-            _require(args.get("dtype", "bf16") in DTYPES, f"dtype must be one of {sorted(DTYPES)}")
+            dtypes = WEIGHT_STORAGE if args.get("kind", "flux") == "flux" else DTYPES
+            _require(args.get("dtype", "bf16") in dtypes, f"dtype must be one of {sorted(dtypes)}")
             if args.get("parallel"):
                 try:
                     ParallelConfig(**args["parallel"]).validate(world_size=self.world_size)
@@ -147,16 +149,16 @@ class WorkerState:
             layout += f",patches={args.get('num_pipeline_patch', 2)},warmup={args.get('warmup_steps', 1)}"
         key = f"{source}|{dtype}|{args.get('attention_kernel') or 'default'}|{layout}|compile={bool(args.get('compile'))}"
         if key not in self.models:
+            compute, fp8 = WEIGHT_STORAGE[dtype]
             if args.get("random_preset"):
-                transformer = random_flux(flux_config(args["random_preset"]), seed=0, dtype=DTYPES[dtype],
-                                          device=self.device)
-                info = None
+                config, info = flux_config(args["random_preset"]), None
             else:
-                try:
-                    transformer, info = load_flux_transformer(args["path"], dtype=DTYPES[dtype], device=self.device)
+                try:  # header only: the layout, memory check and stage come before any weight is read
+                    info = read_flux_info(args["path"])
                 except CheckpointError as e:  # same file, same verdict on every rank
                     raise RequestError(str(e)) from e
-            heads = transformer.config["num_attention_heads"]
+                config = info.config
+            heads = config["num_attention_heads"]
             try:
                 parallel = (ParallelConfig(**args["parallel"]) if args.get("parallel")
                             else ParallelConfig.for_sequence_parallel(self.world_size, heads))
@@ -168,13 +170,30 @@ class WorkerState:
                      "pipefusion with ulysses or ring inside a stage is not available yet: set ring_degree = "
                      "ulysses_degree = 1 (cfg_degree and dp_degree combine with it)")
             _require(not (pipefusion and args.get("compile")), "compile is not available with pipefusion yet")
-            model = FluxModel(transformer, self._mesh(parallel), args.get("attention_kernel"), info)
-            if args.get("compile"):
-                model.compile_blocks()
-            if pipefusion:  # this rank keeps only its stage's blocks from here on
+            mesh, stage = self._mesh(parallel), None
+            if pipefusion:  # this rank reads only its stage's blocks
                 try:
                     options = PipeFusionOptions(num_pipeline_patch=int(args.get("num_pipeline_patch", 2)),
                                                 warmup_steps=int(args.get("warmup_steps", 1)))
+                    options.validate(parallel.pipefusion_degree, config["num_layers"] + config["num_single_layers"])
+                except ValueError as e:
+                    raise RequestError(str(e)) from e
+                stage = flux_stage_bounds(config, parallel.pipefusion_degree, options.stage_blocks)[mesh.rank("pp")]
+            if self.device.type == "cuda":
+                self._check_memory(config, parallel, dtype)
+            if info is None:
+                transformer = random_flux(config, seed=0, dtype=compute, device=self.device, fp8=fp8, stage=stage)
+            else:
+                try:
+                    transformer, info = load_flux_transformer(args["path"], dtype=compute, device=self.device,
+                                                              fp8=fp8, stage=stage)
+                except CheckpointError as e:
+                    raise RequestError(str(e)) from e
+            model = FluxModel(transformer, mesh, args.get("attention_kernel"), info)
+            if args.get("compile"):
+                model.compile_blocks()
+            if pipefusion:
+                try:
                     model = FluxPipeFusion(model, options)
                 except ValueError as e:
                     raise RequestError(str(e)) from e
@@ -182,6 +201,24 @@ class WorkerState:
         model = self.models[key]
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
+
+    def _check_memory(self, config: dict, parallel: ParallelConfig, dtype: str) -> None:
+        """Refuse, before any weight is read, a layout that does not fit the GPU with the least free memory
+        (weights plus the activations of one 1024x1024 image); every rank sees the same numbers."""
+        free_now, total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        # what this process can still take: free memory plus its cached blocks, within a per-process cap if set
+        mine = min(free_now + torch.cuda.memory_reserved(self.device) - allocated,
+                   torch.cuda.get_per_process_memory_fraction(self.device) * total - allocated)
+        free = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(free, torch.tensor([int(mine)]), group=self.control)
+        fullest = min(range(self.world_size), key=lambda r: int(free[r]))
+        try:
+            check_flux_memory(config, parallel, dtype, int(free[fullest]), self.ranks[fullest]["device"],
+                              image_size=(1024, 1024))
+        except NotEnoughMemory as e:
+            loaded = f" ({len(self.models)} other model(s) loaded: unload them to free memory)" if self.models else ""
+            raise RequestError(str(e) + loaded, kind="memory") from e
 
     def _resident_vae(self, path: str, dtype: str) -> tuple[str, tuple]:
         """(key, (vae, info)), loading the file once per dtype."""

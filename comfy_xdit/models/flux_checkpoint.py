@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from .fp8 import FP8, to_fp8
+
 PREFIX = "model.diffusion_model."
 _LIN = ("weight", "bias")
 # safetensors dtype tags -> torch dtype names, for FluxCheckpointInfo.stored_dtypes
@@ -72,12 +74,14 @@ def _header(path) -> dict:
 
 
 def _read(path, keys, dtype=None, device=None) -> dict:
+    """Tensors by key; dtype is one dtype for all or a dict key -> dtype (a stored dtype is kept as stored)."""
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             names = list(f.keys()) if keys is None else list(keys)
+            to = dtype if isinstance(dtype, dict) else dict.fromkeys(names, dtype)
             # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
             # because get_tensor may return views of the file mapping, which change or fault if the file does.
-            return {k: f.get_tensor(k).to(device=device, dtype=dtype, copy=True) for k in names}
+            return {k: f.get_tensor(k).to(device=device, dtype=to[k], copy=True) for k in names}
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError plus OS/key errors
@@ -238,13 +242,17 @@ def _check_leftover(sd, used):
 def bfl_to_diffusers(sd, config) -> dict:
     """Map BFL/ComfyUI keys to diffusers keys; fused qkv/linear1 rows are split by the config's width."""
     sd = {_strip(k): v for k, v in sd.items()}
-    inner = config["num_attention_heads"] * config["attention_head_dim"]
     rules = _rules(config["num_layers"], config["num_single_layers"], config["guidance_embeds"])
     missing = [b for b, _, _ in rules if b not in sd]
     if missing:
         raise CheckpointError(f"{len(missing)} keys missing for a Flux.1 transformer "
                               f"({config['num_layers']}+{config['num_single_layers']} blocks), e.g. {missing[:5]}")
     _check_leftover(sd, {b for b, _, _ in rules})
+    return _apply_rules(sd, rules, config)
+
+
+def _apply_rules(sd, rules, config) -> dict:
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
     out = {}
     for b, ds, op in rules:
         t = sd[b]
@@ -286,27 +294,90 @@ def _check_fits(expected, sd):
         raise CheckpointError(f"tensor shapes do not fit the inferred Flux config, e.g. {bad[:3]}")
 
 
-def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu"):
-    """Load a Flux.1 transformer file; returns (FluxTransformer2DModel in eval mode, FluxCheckpointInfo)."""
+EMBEDDERS = ("x_embedder", "context_embedder")  # needed by the stage holding the first block only
+HEAD = ("norm_out", "proj_out")                 # by the stage holding the last block only
+
+
+def keep_stage(transformer, start: int, stop: int):
+    """Keep blocks [start, stop) (in block order: double blocks, then single); the others become nn.Identity
+    (indices stay stable for key mapping) and the embedders and head go unless this stage runs them.
+    The same residency as PipeFusion's FluxStage, applied before any weight is read."""
+    num_double = len(transformer.transformer_blocks)
+    n = num_double + len(transformer.single_transformer_blocks)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"stage ({start}, {stop}) is not a block range of this {n}-block model")
+    for i in [i for i in range(n) if not start <= i < stop]:
+        if i < num_double:
+            transformer.transformer_blocks[i] = torch.nn.Identity()
+        else:
+            transformer.single_transformer_blocks[i - num_double] = torch.nn.Identity()
+    for name in (EMBEDDERS if start > 0 else ()) + (HEAD if stop < n else ()):
+        setattr(transformer, name, None)
+    return transformer
+
+
+def store_blocks_fp8(transformer):
+    """fp8 storage (models/fp8.py) for the Linear weights inside the blocks: 99.4% of FLUX.1's parameters.
+    The rest stays in the compute dtype, so the first parameter still tells the compute dtype."""
+    to_fp8(transformer.transformer_blocks)
+    to_fp8(transformer.single_transformer_blocks)
+    return transformer
+
+
+def read_flux_info(path) -> FluxCheckpointInfo:
+    """Layout, variant, config and stored dtypes from the header alone (no tensor is read)."""
+    path = os.fspath(path)
+    try:
+        return _inspect(path)[0]
+    except CheckpointError as e:
+        if str(e).startswith(path):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _inspect(path):
+    header = _header(path)
+    keys = list(header)
+    if any(k.startswith(PREFIX) for k in keys):  # ComfyUI file: keep only the diffusion model
+        keys = [k for k in keys if k.startswith(PREFIX)]
+    layout = detect_layout(keys)
+    shapes = {_strip(k): torch.empty(header[k]["shape"], device="meta") for k in keys}
+    config = flux_config_from_state_dict(shapes, layout)
+    info = FluxCheckpointInfo(path=path, layout=layout, variant=flux_variant(config), config=config,
+                              stored_dtypes={_ST_DTYPES.get(d, d) for d in {header[k]["dtype"] for k in keys}})
+    return info, keys, shapes
+
+
+def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = False, stage=None):
+    """Load a Flux.1 transformer file; returns (FluxTransformer2DModel in eval mode, FluxCheckpointInfo).
+
+    fp8: the blocks' Linear weights are kept in float8_e4m3fn (as stored in an fp8 file, plain-cast from
+    any other) and upcast to ``dtype`` per layer (models/fp8.py); everything else is ``dtype``.
+    stage: (start, stop), a block range in block order (double then single); only those blocks, plus the
+    embedders if start == 0 and the head if stop is the last block, are read (see keep_stage)."""
     from diffusers import FluxTransformer2DModel
 
     path = os.fspath(path)
     try:
-        header = _header(path)
-        keys = list(header)
-        if any(k.startswith(PREFIX) for k in keys):  # ComfyUI file: keep only the diffusion model
-            keys = [k for k in keys if k.startswith(PREFIX)]
-        layout = detect_layout(keys)
-        stored = {header[k]["dtype"] for k in keys}
-        # Validate on header shapes first, so a bad file fails before gigabytes are read.
-        shapes = {_strip(k): torch.empty(header[k]["shape"], device="meta") for k in keys}
-        config = flux_config_from_state_dict(shapes, layout)
+        info, keys, shapes = _inspect(path)
+        config, layout = info.config, info.layout
         with torch.device("meta"):  # no weight allocation; real tensors are assigned below
             model = FluxTransformer2DModel(**config)
+        # Validate the whole file on header shapes first, so a bad file fails before gigabytes are read.
         _check_fits(model.state_dict(), bfl_to_diffusers(shapes, config) if layout == "bfl" else shapes)
-        # fp8 (and any other stored dtype) is upcast here, tensor by tensor
-        sd = {_strip(k): v for k, v in _read(path, keys, dtype=dtype, device=device).items()}
-        sd = bfl_to_diffusers(sd, config) if layout == "bfl" else sd
+        if stage is not None:
+            keep_stage(model, *stage)
+        if fp8:
+            store_blocks_fp8(model)
+        # the resident tensors, each in the dtype it is kept in; fp8 ones are read as stored or cast once
+        want = {k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
+        rules = (_rules(config["num_layers"], config["num_single_layers"], config["guidance_embeds"])
+                 if layout == "bfl" else [(k, [k], "copy") for k in want])
+        rules = [r for r in rules if r[1][0] in want]
+        file_key = {_strip(k): k for k in keys}
+        sd = _read(path, [file_key[b] for b, _, _ in rules], device=device,
+                   dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules})
+        sd = _apply_rules({_strip(k): v for k, v in sd.items()}, rules, config)
     except CheckpointError as e:
         if str(e).startswith(path):
             raise
@@ -315,10 +386,7 @@ def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu"):
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # Flux has no buffers today; fail loudly if a diffusers update adds an unmaterialised one
         raise RuntimeError(f"{path}: tensors left on the meta device after loading: {left[:5]}")
-    info = FluxCheckpointInfo(path=path, layout=layout, variant=flux_variant(config), config=config,
-                              stored_dtypes={_ST_DTYPES.get(d, d) for d in stored})
     return model.eval().requires_grad_(False), info
-
 
 
 def write_flux_checkpoint(model, path, layout="bfl", dtype=None):

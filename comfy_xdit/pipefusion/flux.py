@@ -163,7 +163,9 @@ class FluxPipeFusion:
         self.link = StageLink(mesh.group("pp"))
         transformer = model.transformer
         options.validate(self.link.size, len(flux_blocks(transformer)))
-        self.stage_bounds = stage_ranges(flux_block_costs(transformer), self.link.size, options.stage_blocks)
+        with torch.device("meta"):  # costs from the config: a stage-only load holds just its own blocks
+            full = FluxTransformer2DModel.from_config(transformer.config)
+        self.stage_bounds = stage_ranges(flux_block_costs(full), self.link.size, options.stage_blocks)
         start, stop = self.stage_bounds[self.link.rank]
         self.stage = FluxStage(transformer, start, stop, self.link.rank == 0, self.link.rank == self.link.size - 1,
                                model)

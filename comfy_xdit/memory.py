@@ -1,0 +1,159 @@
+"""How much GPU memory a Flux transformer needs per rank, and the check that refuses what will not fit.
+
+Weights dominate: only PipeFusion splits them (each stage holds its blocks); Ulysses, Ring, CFG and data
+parallelism replicate them. Everything is computed from the config on a meta-device model, before any
+weight is read. GB here is 10^9 bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from .config import ParallelConfig, _divisors
+from .models.flux_checkpoint import EMBEDDERS, HEAD, store_blocks_fp8
+from .models.fp8 import FP8
+from .pipefusion.flux import flux_block_costs, flux_blocks
+from .pipefusion.schedule import stage_ranges
+
+GB = 10**9
+# weight_dtype name -> (compute dtype, blocks' Linear weights stored in fp8)
+WEIGHT_STORAGE = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
+                  "fp8_e4m3fn": (torch.bfloat16, True)}
+TEXT_TOKENS = 512  # T5 tokens assumed by the activation term (ComfyUI gives max(256, prompt tokens))
+# Live activations of one forward above the weights, in hidden-state widths per token: 17.2 measured for
+# FLUX.1-dev in bf16 on an H200 at 1024 and 2048 px (tests/gpu/check_memory_cuda.py), rounded up.
+BLOCK_WORKSET = 18
+
+
+class NotEnoughMemory(MemoryError):
+    """A layout that would not fit in the free GPU memory; the message says what would."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs: its resident parameters, and the activation term (0 without an image size)."""
+
+    weights: int
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+@dataclass(frozen=True)
+class _Parts:
+    blocks: tuple       # per block: (fp8-storable numel, other numel)
+    embed: int          # numel of the embedders (first stage)
+    head: int           # numel of the head (last stage)
+    shared: int         # numel on every stage (time/text/guidance embedders)
+    costs: tuple        # flux_block_costs: what PipeFusion balances
+    largest_linear: int  # numel of the largest fp8 weight (its upcast copy lives during its layer)
+    width: int
+
+
+def _key(config: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()
+                        if not k.startswith("_")))
+
+
+@functools.lru_cache(maxsize=8)
+def _parts(key: tuple) -> _Parts:
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**dict(key))
+    costs = flux_block_costs(model)
+    store_blocks_fp8(model)  # the loader's rule for which weights fp8 storage takes
+
+    def split(module):
+        ps = list(module.parameters())
+        return (sum(p.numel() for p in ps if p.dtype == FP8), sum(p.numel() for p in ps if p.dtype != FP8))
+
+    blocks = tuple(split(b) for b in flux_blocks(model))
+    total = sum(p.numel() for p in model.parameters())
+    embed = sum(sum(split(getattr(model, n))) for n in EMBEDDERS)
+    head = sum(sum(split(getattr(model, n))) for n in HEAD)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    largest = max(p.numel() for p in model.parameters() if p.dtype == FP8)
+    return _Parts(blocks, embed, head, total - embed - head - sum(map(sum, blocks)), tuple(costs), largest, width)
+
+
+def flux_stage_bounds(config: dict, num_stages: int, stage_blocks: tuple | None = None) -> list[tuple[int, int]]:
+    """PipeFusion block ranges per stage from the config alone: the bounds FluxPipeFusion computes."""
+    return stage_ranges(list(_parts(_key(config)).costs), num_stages, stage_blocks)
+
+
+def estimate_flux_memory(config: dict, parallel: ParallelConfig, storage: str = "bf16",
+                         image_size: tuple[int, int] | None = None,
+                         stage_bounds: list[tuple[int, int]] | None = None) -> list[MemoryEstimate]:
+    """Per-rank bytes for each PipeFusion stage (one entry without PipeFusion).
+
+    weights: the stage's blocks (+ embedders on the first, head on the last, time/text embedders on all),
+    bytes per parameter from ``storage`` (fp8_e4m3fn: 1 byte for the blocks' Linear weights, 2 for the rest).
+    activations, only with image_size (width, height) in pixels, batch 1, TEXT_TOKENS text tokens; per rank
+    the sequence is (text + image tokens) / sp_degree. It counts: the forward's live tensors
+    (BLOCK_WORKSET x sequence x width, attention by a fused kernel, so no sequence^2 term); with PipeFusion the
+    stale K/V buffers (K and V over the whole sequence, one pair per resident block, for one denoiser: a
+    cfg > 1 run on one rank holds two); with fp8 the upcast copy of the largest weight. Not counted: the
+    CUDA context and allocator slack (mem_get_info's free memory already excludes what is in use),
+    torch.compile workspaces, ControlNets, and the text encoders and VAE (other processes or steps).
+    """
+    compute, fp8 = WEIGHT_STORAGE[storage]
+    parts, c = _parts(_key(config)), torch.empty((), dtype=compute).element_size()
+    n, pp = len(parts.blocks), parallel.pipefusion_degree
+    bounds = stage_bounds or (flux_stage_bounds(config, pp) if pp > 1 else [(0, n)])
+    seq = 0
+    if image_size is not None:
+        w, h = image_size
+        seq = -(-(TEXT_TOKENS + (w // 16) * (h // 16)) // parallel.sp_degree)
+    out = []
+    for start, stop in bounds:
+        blocks = parts.blocks[start:stop]
+        numel = parts.shared + sum(map(sum, blocks)) + (parts.embed if start == 0 else 0) + \
+            (parts.head if stop == n else 0)
+        weights = numel * c - (sum(b[0] for b in blocks) * (c - 1) if fp8 else 0)
+        act = 0
+        if seq:
+            act = BLOCK_WORKSET * seq * parts.width * c
+            act += 2 * seq * parts.width * c * (stop - start) if pp > 1 else 0
+            act += parts.largest_linear * c if fp8 else 0
+        out.append(MemoryEstimate(weights, act))
+    return out
+
+
+def _describe(pp: int, storage: str, joiner: str) -> str:
+    name = "fp8" if WEIGHT_STORAGE[storage][1] else storage
+    return f"pipefusion {pp}{joiner}{name}" if pp > 1 else name
+
+
+def check_flux_memory(config: dict, parallel: ParallelConfig, storage: str, free_bytes: int, device: str,
+                      image_size: tuple[int, int] | None = None) -> MemoryEstimate:
+    """The largest per-rank estimate, or NotEnoughMemory when it exceeds free_bytes, naming a layout that fits:
+    fp8 storage first, then more PipeFusion stages (dp and cfg degrees kept, sequence parallelism traded)."""
+    def need(pp, s):
+        layout = ParallelConfig(parallel.dp_degree, parallel.cfg_degree, pp,
+                                ulysses_degree=group // pp)  # only sp_degree matters to the estimate
+        return max(e.total for e in estimate_flux_memory(config, layout, s, image_size))
+
+    group = parallel.pipefusion_degree * parallel.sp_degree
+    estimate = max(estimate_flux_memory(config, parallel, storage, image_size), key=lambda e: e.total)
+    if estimate.total <= free_bytes:
+        return estimate
+    pp, n = parallel.pipefusion_degree, len(_parts(_key(config)).blocks)
+    more = [p for p in _divisors(group) if pp < p <= n]
+    fp8 = "fp8_e4m3fn"
+    options = ([(pp, fp8)] if storage != fp8 else []) + [(p, storage) for p in more] + \
+        ([(p, fp8) for p in more] if storage != fp8 else [])
+    sized = [(p, s, need(p, s)) for p, s in options]
+    fits = next(((p, s, b) for p, s, b in sized if b <= free_bytes), None)
+    if fits:
+        hint = f"; {_describe(fits[0], fits[1], ' with ')} would need {fits[2] / GB:.1f} GB"
+    elif sized:
+        hint = f"; even {_describe(*sized[-1][:2], ' with ')} would need {sized[-1][2] / GB:.1f} GB: use more GPUs"
+    else:
+        hint = "; use more GPUs (pipefusion splits the blocks over them)"
+    raise NotEnoughMemory(f"needs {estimate.total / GB:.1f} GB per GPU with {_describe(pp, storage, ' and ')}; "
+                          f"{free_bytes / GB:.1f} GB free on {device}{hint}")
