@@ -22,9 +22,39 @@ from .comfy_xdit.web_status import ActivityTracker, make_event_sender, register_
 
 CATEGORY = "xDiT"
 CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
-ENGINE = Engine()
+
+
+def _comfy_gpus() -> set[int]:
+    """The CUDA devices ComfyUI itself uses: its main device and where its loaded models live."""
+    mm = comfy.model_management
+    devices = [mm.get_torch_device()] + [model.load_device for model in mm.loaded_models()]
+    # a device without an index is the current one, 0 (ComfyUI picks GPUs by CUDA_VISIBLE_DEVICES)
+    return {d.index or 0 for d in map(torch.device, devices) if d.type == "cuda"}
+
+
+def _make_room(amounts: dict[int, int]) -> None:
+    """Before a pool job: have ComfyUI unload its own models from the GPUs it shares with the pool
+    until each has `amounts[gpu]` bytes free (what the pool will take there beyond what it holds).
+
+    ComfyUI's get_free_memory(dev) is torch.cuda.mem_get_info(dev)'s free memory, which already counts
+    the pool's worker processes as used, plus ComfyUI's own cached-but-unused blocks; free_memory()
+    unloads (or partly offloads) ComfyUI's models on dev, least recently used first, until that exceeds
+    the amount. soft_empty_cache() then hands ComfyUI's cached blocks back to the driver, where the
+    workers can use them. GPUs ComfyUI does not use are left alone (a query there would open a CUDA
+    context in this process)."""
+    shared = sorted(set(amounts) & _comfy_gpus())
+    for gpu in shared:
+        comfy.model_management.free_memory(amounts[gpu], torch.device("cuda", gpu))
+    if shared:
+        comfy.model_management.soft_empty_cache()
+
+
+ENGINE = Engine(make_room=_make_room)
 TRACKER = ActivityTracker()  # what the xDiT sidebar tab shows: the running request, its steps, the last error
 STRATEGIES = ("auto", "ulysses", "ring", "cfg_parallel", "data_parallel", "pipefusion", "manual")
+GPU_IDS_INPUT = ("STRING", {"default": "", "tooltip": "Which GPUs, e.g. 0,1: as many as gpus, numbered as ComfyUI "
+                                                      "numbers them. Empty: the first ones. On GPUs ComfyUI does "
+                                                      "not use, its text encoders can stay loaded."})
 
 
 def _max_gpus() -> int:
@@ -37,6 +67,15 @@ def _run(fn, *args, **kwargs):
         return TRACKER.run(fn, *args, **kwargs)  # also reports kind, model, steps and errors to the sidebar tab
     except PoolError as e:
         raise RuntimeError(f"xDiT worker pool: {e}") from e
+
+
+def _gpu_ids(text: str) -> tuple[int, ...]:
+    """The loaders' gpu_ids ("0,1"; empty = the first GPUs); the engine checks them against the machine."""
+    try:
+        return tuple(int(p) for p in str(text or "").replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"gpu_ids {text!r}: write GPU numbers separated by commas, e.g. 0,1, or leave it "
+                         "empty for the first GPUs") from None
 
 
 def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, dp: int = 1) -> tuple:
@@ -111,6 +150,7 @@ class XDiTModelLoader:
                                                   "(needs cfg > 1)."}),
                 "dp_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
                                       "tooltip": "manual strategy: batch items on different GPUs."}),
+                "gpu_ids": GPU_IDS_INPUT,
             },
         }
 
@@ -120,10 +160,11 @@ class XDiTModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1, cfg_degree=1,
-             dp_degree=1):
+             dp_degree=1, gpu_ids=""):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus,
-                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree))
+                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree),
+                             gpu_ids=_gpu_ids(gpu_ids))
         _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
         return (handle,)
 
@@ -197,14 +238,16 @@ class XDiTVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"vae_name": (folder_paths.get_filename_list("vae"),),
-                             "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus()})}}
+                             "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus()})},
+                "optional": {"gpu_ids": GPU_IDS_INPUT}}
 
     RETURN_TYPES = ("XDIT_VAE",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, vae_name, gpus):
-        handle = VaeHandle(path=folder_paths.get_full_path_or_raise("vae", vae_name), gpus=gpus)
+    def load(self, vae_name, gpus, gpu_ids=""):
+        handle = VaeHandle(path=folder_paths.get_full_path_or_raise("vae", vae_name), gpus=gpus,
+                           gpu_ids=_gpu_ids(gpu_ids))
         _run(ENGINE.load, handle)
         return (handle,)
 

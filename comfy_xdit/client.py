@@ -3,6 +3,10 @@
 Plain tensors in and out; nodes.py translates ComfyUI's types. Handles are small immutable
 descriptions (file, dtype, GPUs, layout, LoRAs); the workers cache what they load, so a
 handle can be used again and again without reloading.
+
+GPUs are numbered as this process's torch numbers them (cuda:i). Before each load, sample,
+decode and encode the engine works out how much more memory the pool will take on each of
+its GPUs and hands that to its make_room callback (nodes.py asks ComfyUI to free it).
 """
 
 from __future__ import annotations
@@ -14,9 +18,19 @@ from typing import Callable
 
 import torch
 
-from .pool.controller import PoolOptions, RequestFailed, WorkerPool
+from .pool.controller import PoolError, PoolOptions, RequestFailed, WorkerPool
 
 WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")  # fp8_e4m3fn: fp8 storage, bf16 compute
+
+GIB = 2 ** 30
+# Asked for on top of every amount: the allocator caches more than the peak it allocated, and the
+# estimates below are rough.
+ROOM_RESERVE = GIB
+# Activations per 1024x1024 image until a job has reported its peak. Flux dev's peaks above its
+# weights at 2048 px (BENCHMARKS.md): 1.7 GiB on one GPU, 0.9 with Ulysses or Ring 2, up to 9.6 with
+# PipeFusion 2 (2.3 per megapixel). Doubled with cfg > 1 on one rank.
+ACTIVATIONS_PER_MEGAPIXEL = 3 * GIB
+_USUAL_VAE = {"block_out_channels": [128, 256, 512, 512]}  # the SD/SDXL/SD3/Flux VAE decoder's widths
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class ModelHandle:
     parallel: tuple = ()                 # sorted (degree name, value) pairs; empty = auto
     attention_kernel: str | None = None
     loras: tuple = ()                    # ((path, strength), ...) in application order
+    gpu_ids: tuple = ()                  # which GPUs (cuda:i here), as many as `gpus`; empty = the first `gpus`
 
     def with_lora(self, path: str, strength: float) -> "ModelHandle":
         return replace(self, loras=self.loras + ((path, float(strength)),))
@@ -41,6 +56,7 @@ class VaeHandle:
     path: str
     dtype: str = "fp32"
     gpus: int = 1
+    gpu_ids: tuple = ()                  # as ModelHandle.gpu_ids
 
     def load_args(self) -> dict:
         return dict(kind="vae", path=self.path, dtype=self.dtype)
@@ -79,39 +95,151 @@ def available_devices() -> tuple[str, int]:
     return "cpu", os.cpu_count() or 1
 
 
+def check_gpu_ids(gpu_ids: tuple, gpus: int) -> tuple[int, ...]:
+    """The GPUs a pool of `gpus` workers runs on: `gpu_ids`, checked, or the first `gpus` when empty."""
+    device, available = available_devices()
+    unit = "GPUs" if device == "cuda" else "CPU ranks (no GPU is visible)"
+    if gpus < 1 or gpus > available:
+        raise ValueError(f"asked for {gpus} GPUs but {available} {unit} are available; "
+                         f"choose between 1 and {available}")
+    if not gpu_ids:
+        return tuple(range(gpus))
+    shown = ",".join(str(i) for i in gpu_ids)
+    if len(gpu_ids) != gpus:
+        raise ValueError(f"gpu_ids {shown} names {len(gpu_ids)} GPU(s) but gpus is {gpus}: list {gpus}, "
+                         f"or leave gpu_ids empty for GPUs 0 to {gpus - 1}")
+    twice = sorted({i for i in gpu_ids if gpu_ids.count(i) > 1})
+    if twice:
+        raise ValueError(f"gpu_ids {shown} names GPU {twice[0]} twice; each GPU runs one worker")
+    missing = [i for i in gpu_ids if not 0 <= i < available]
+    if missing:
+        raise ValueError(f"gpu_ids {shown}: there is no GPU {missing[0]}; {available} {unit} are available, "
+                         f"numbered 0 to {available - 1}")
+    return tuple(gpu_ids)
+
+
+def _physical_gpus(devices: tuple[int, ...]) -> list:
+    """The workers' CUDA_VISIBLE_DEVICES for this process's devices: the controller does not pass this
+    process's own CUDA_VISIBLE_DEVICES on, so device i becomes entry i of it (a UUID stays a string)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return list(devices)
+    return [int(visible[i]) if visible[i].isdigit() else visible[i] for i in devices]
+
+
+def _file_size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:  # the pool reports a missing file better
+        return 0
+
+
+def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = (), cfg: bool = False,
+                   extra_files: tuple = ()) -> int:
+    """What one worker holds at the peak of a job, before the job has reported a measured peak.
+
+    load: the weights: the file's size, which is what a bf16 file takes in bf16 (a file stored narrower
+    than the compute dtype, fp8 upcast to bf16, is underestimated until the first run reports its peak);
+    every rank holds all of it except under PipeFusion, which splits it over its stages. extra_files
+    (ControlNets) are held whole on every rank.
+    sample: the weights plus ACTIVATIONS_PER_MEGAPIXEL per image of the latent `shape` (twice with cfg).
+    decode/encode: the VAE file plus estimate_decode_bytes for the usual VAE at `shape` (a latent; the
+    encoder mirrors the decoder)."""
+    if isinstance(handle, VaeHandle):
+        weights = _file_size(handle.path)
+        if kind == "load" or not shape:
+            return weights
+        from .vae.parallel import estimate_decode_bytes  # diffusers: imported when the first VAE job comes
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(handle.dtype, torch.bfloat16)
+        return weights + estimate_decode_bytes(_USUAL_VAE, shape, handle.gpus, dtype)
+    stages = dict(handle.parallel).get("pipefusion_degree", 1)
+    weights = _file_size(handle.path) // stages + sum(_file_size(p) for p in extra_files)
+    if kind == "load" or not shape:
+        return weights
+    batch, _, h, w = shape
+    images = batch * h * w * 64 / 2 ** 20  # latent pixels are 8x8 image pixels
+    return weights + int(ACTIVATIONS_PER_MEGAPIXEL * images * (2 if cfg else 1))
+
+
 @dataclass
 class Engine:
-    """One pool at a time (all the GPUs it was asked for); resized when a node asks for another count."""
+    """One pool at a time (all the GPUs it was asked for); restarted when a node asks for other GPUs.
+
+    make_room(amounts): called before each job on a CUDA pool with {device: bytes}, what the pool
+    will take on each of its GPUs beyond what it holds there now (see room())."""
 
     pool_options: dict = field(default_factory=dict)
+    make_room: Callable[[dict], None] | None = None
     _pool: WorkerPool | None = None
+    _devices: tuple = ()                 # the pool's GPUs, rank order; () on CPU ranks
+    _peaks: dict = field(default_factory=dict)  # job -> {device: peak bytes}, as the pool last reported
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def pool(self, gpus: int) -> WorkerPool:
-        device, available = available_devices()
-        if gpus < 1 or gpus > available:
-            unit = "GPUs" if device == "cuda" else "CPU ranks (no GPU is visible)"
-            raise ValueError(f"asked for {gpus} GPUs but {available} {unit} are available; "
-                             f"choose between 1 and {available}")
+    def pool(self, gpus: int, gpu_ids: tuple = ()) -> WorkerPool:
+        devices = check_gpu_ids(tuple(gpu_ids), gpus)
+        device = available_devices()[0]
+        if device != "cuda":
+            devices = ()  # CPU ranks: no GPUs to pick
         with self._lock:
-            if self._pool is not None and self._pool.options.nproc != gpus:
+            if self._pool is not None and (self._pool.options.nproc != gpus or set(self._devices) != set(devices)):
                 self._pool.shutdown()
                 self._pool = None
             if self._pool is None:
-                self._pool = WorkerPool(PoolOptions(nproc=gpus, device=device, **self.pool_options))
+                gpu_list = _physical_gpus(devices) if devices else None
+                self._pool = WorkerPool(PoolOptions(nproc=gpus, device=device, gpus=gpu_list, **self.pool_options))
+                self._devices = devices
             return self._pool
 
+    def room(self, job: tuple, handle: ModelHandle | VaeHandle, estimate: Callable[[], int]) -> dict[int, int]:
+        """{device: bytes} the pool is about to take on each of the handle's GPUs for `job`: the peak the
+        same job last reported there (it includes the weights), else estimate(), less what the worker
+        there holds now (its reserved memory; nothing when the pool is stopped or on other GPUs), plus
+        ROOM_RESERVE. {} on CPU ranks."""
+        if available_devices()[0] != "cuda":
+            return {}
+        devices = check_gpu_ids(tuple(handle.gpu_ids), handle.gpus)
+        held = {}
+        with self._lock:
+            if self._pool is not None and set(self._devices) == set(devices):
+                try:
+                    raw = self.status() or {}
+                except PoolError:  # it died: the job restarts it, holding nothing
+                    raw = {}
+                held = {d: r.get("memory_reserved", 0) for d, r in zip(self._devices, raw.get("ranks") or [])}
+            peaks = self._peaks.get(job, {})
+        need = peaks if set(devices) <= set(peaks) else dict.fromkeys(devices, estimate())
+        return {d: max(0, need[d] - held.get(d, 0)) + ROOM_RESERVE for d in devices}
+
+    def _prepare(self, job: tuple, handle: ModelHandle | VaeHandle, estimate: Callable[[], int]) -> None:
+        """Tell make_room what `job` will take, before the pool is touched."""
+        if self.make_room is not None:
+            amounts = self.room(job, handle, estimate)
+            if amounts:
+                self.make_room(amounts)
+
+    def _record(self, job: tuple, reply: dict) -> None:
+        if reply.get("peak_memory"):  # CUDA pools only; rank i runs on the pool's i-th GPU
+            self._peaks[job] = dict(zip(self._devices, reply["peak_memory"]))
+
     def load(self, handle: ModelHandle | VaeHandle) -> dict:
-        return self.pool(handle.gpus).request("load_model", handle.load_args())[0]
+        self._prepare(("load", handle), handle, lambda: estimate_bytes("load", handle))
+        return self._load(handle)
+
+    def _load(self, handle: ModelHandle | VaeHandle) -> dict:
+        return self.pool(handle.gpus, handle.gpu_ids).request("load_model", handle.load_args())[0]
 
     def sample(self, model: ModelHandle, positive: Conditioning, negative: Conditioning | None,
                latent: torch.Tensor, seed: int, steps: int, cfg: float = 1.0, sampler_name: str = "euler",
                scheduler: str = "simple", denoise: float = 1.0, noise_mask: torch.Tensor | None = None,
                batch_index: list[int] | None = None, on_progress: Callable | None = None,
                cancel: threading.Event | None = None) -> torch.Tensor:
-        key = self.load(model)["model_key"]
+        guided = cfg != 1.0 and negative is not None
+        controls = tuple(c.controlnet.path for c in positive.controls)
+        job = ("sample", model, tuple(latent.shape), guided, controls)
+        self._prepare(job, model, lambda: estimate_bytes("sample", model, tuple(latent.shape), guided, controls))
+        key = self._load(model)["model_key"]  # the room asked for above covers the weights when not resident
         tensors = {"context": positive.context, "pooled": positive.pooled, "latent": latent}
-        if cfg != 1.0 and negative is not None:
+        if guided:
             tensors.update(negative_context=negative.context, negative_pooled=negative.pooled)
         if noise_mask is not None:
             tensors["noise_mask"] = noise_mask
@@ -123,16 +251,25 @@ class Engine:
         args = dict(model_key=key, seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
                     scheduler=scheduler, denoise=float(denoise), guidance=positive.guidance,
                     batch_index=batch_index, loras=[list(lora) for lora in model.loras], controls=controls)
-        _, out = self.pool(model.gpus).request("sample", args, tensors, on_progress=on_progress, cancel=cancel)
+        reply, out = self.pool(model.gpus, model.gpu_ids).request("sample", args, tensors, on_progress=on_progress,
+                                                                  cancel=cancel)
+        self._record(job, reply)
         return out["samples"]
 
     def decode(self, vae: VaeHandle, samples: torch.Tensor) -> torch.Tensor:
-        key = self.load(vae)["model_key"]
-        return self.pool(vae.gpus).request("decode", {"vae_key": key}, {"samples": samples})[1]["images"]
+        return self._vae("decode", vae, "samples", samples, tuple(samples.shape))["images"]
 
     def encode(self, vae: VaeHandle, images: torch.Tensor) -> torch.Tensor:
-        key = self.load(vae)["model_key"]
-        return self.pool(vae.gpus).request("encode", {"vae_key": key}, {"images": images})[1]["samples"]
+        b, h, w, _ = images.shape  # the latent it becomes sizes the estimate
+        return self._vae("encode", vae, "images", images, (b, 16, h // 8, w // 8))["samples"]
+
+    def _vae(self, kind: str, vae: VaeHandle, name: str, tensor: torch.Tensor, latent_shape: tuple) -> dict:
+        job = (kind, vae, tuple(tensor.shape))
+        self._prepare(job, vae, lambda: estimate_bytes(kind, vae, latent_shape))
+        key = self._load(vae)["model_key"]
+        reply, out = self.pool(vae.gpus, vae.gpu_ids).request(kind, {"vae_key": key}, {name: tensor})
+        self._record(job, reply)
+        return out
 
     def status(self) -> dict | None:
         with self._lock:
@@ -148,4 +285,4 @@ class Engine:
 
 
 __all__ = ["Conditioning", "Control", "ControlNetHandle", "Engine", "ModelHandle", "RequestFailed", "VaeHandle", "WEIGHT_DTYPES",
-           "available_devices"]
+           "available_devices", "check_gpu_ids", "estimate_bytes"]

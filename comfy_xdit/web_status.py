@@ -425,9 +425,12 @@ def status_payload(engine, tracker: ActivityTracker | None = None, *,
     ranks = []
     for r in ranks_raw:
         n = r.get("rank")
-        used = r.get("memory_used", memory.get(n))
+        # what the worker process holds: NVML's count (with its CUDA context), else its allocator's reserve
+        used = r.get("memory_used", memory.get(n, r.get("memory_reserved")))
         ranks.append(dict(rank=n, host=r.get("host"), pid=r.get("pid"), device=r.get("device"),
-                          gpu=r.get("device_name"), memory_total=r.get("memory_total"), memory_used=used,
+                          gpu=r.get("device_name"), gpu_index=r.get("gpu_index"), memory_total=r.get("memory_total"),
+                          memory_used=used, memory_free=r.get("memory_free"),
+                          memory_allocated=r.get("memory_allocated"), memory_reserved=r.get("memory_reserved"),
                           progress=progress.get(n)))
 
     models = []

@@ -1,4 +1,4 @@
-// comfy_xdit: the "xDiT" sidebar tab. Shows the worker pool (state, ranks with GPU and memory,
+// comfy_xdit: the "xDiT" sidebar tab. Shows the worker pool (state, ranks with GPU, memory and free memory,
 // loaded models and LoRAs, parallel strategy), per-rank progress while a request runs, and the
 // last error; Stop pool / Unload models buttons. Reads GET /xdit/status when the tab opens, then
 // follows the server's websocket events (xdit.status, xdit.progress, xdit.error): no polling.
@@ -185,10 +185,18 @@ function rankRows(status, activity) {
             `${r.memory_used !== null && r.memory_used !== undefined ? gib(r.memory_used) : "?"} / ${gib(r.memory_total)} GiB`,
             { kind: "memory", testid: `xdit-memory-${r.rank}` })
       : null;
-    const where = [r.gpu || r.device, r.host].filter(Boolean).join(" · ");
+    // The whole GPU, every process on it (ComfyUI too): what is free, and what the others hold.
+    const known = (v) => v !== null && v !== undefined;
+    const free = r.memory_total && known(r.memory_free)
+      ? h("div", { class: "xdit-dim xdit-gpu-free", "data-testid": `xdit-free-${r.rank}`,
+                   title: known(r.memory_allocated) ? `this worker: ${gib(r.memory_allocated)} GiB allocated, ${gib(r.memory_reserved)} GiB reserved` : null },
+          `${gib(r.memory_free)} GiB free on the GPU` +
+          (known(r.memory_used) ? ` · other processes ${gib(Math.max(0, r.memory_total - r.memory_free - r.memory_used))} GiB` : ""))
+      : null;
+    const where = [known(r.gpu_index) ? `GPU ${r.gpu_index}` : null, r.gpu || r.device, r.host].filter(Boolean).join(" · ");
     return h("div", { class: "xdit-rank", "data-testid": `xdit-rank-${r.rank}` },
              h("div", { class: "xdit-rank-head" }, h("b", {}, `rank ${r.rank}`), where ? h("span", { class: "xdit-dim" }, where) : null),
-             memory, progress);
+             memory, free, progress);
   });
 }
 
@@ -299,6 +307,7 @@ const STYLE = `
 .xdit-bar-memory { height: 12px; } .xdit-bar-memory .xdit-bar-fill { background: #8e24aa; }
 .xdit-bar-label { position: absolute; inset: 0; font-size: 11px; line-height: 14px; text-align: center; }
 .xdit-bar-memory .xdit-bar-label { line-height: 11px; font-size: 10px; }
+.xdit-gpu-free { font-size: 11px; }
 .xdit-indeterminate .xdit-bar-fill { width: 30%; animation: xdit-slide 1.2s linear infinite; }
 @keyframes xdit-slide { from { transform: translateX(-100%); } to { transform: translateX(340%); } }
 .xdit-activity { display: flex; gap: 6px; align-items: center; }

@@ -8,6 +8,8 @@ import os
 import sys
 import types
 
+import torch
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -16,8 +18,13 @@ class InterruptProcessingException(Exception):
 
 
 def install(models_dir: str) -> types.SimpleNamespace:
-    """Register fake folder_paths / comfy.utils / comfy.model_management over `models_dir`."""
-    state = types.SimpleNamespace(interrupted=False, progress=[], models_dir=models_dir)
+    """Register fake folder_paths / comfy.utils / comfy.model_management over `models_dir`.
+
+    The model management side is ComfyUI on a CPU-only machine unless a test says otherwise:
+    state.torch_device is its main device, state.loaded_devices the load devices of its loaded
+    models; state.memory_calls records free_memory(bytes, device) and soft_empty_cache() calls."""
+    state = types.SimpleNamespace(interrupted=False, progress=[], models_dir=models_dir,
+                                  torch_device=torch.device("cpu"), loaded_devices=[], memory_calls=[])
     folders = {"diffusion_models": ["diffusion_models", "unet"], "loras": ["loras"], "vae": ["vae"],
                "controlnet": ["controlnet"]}
 
@@ -57,8 +64,20 @@ def install(models_dir: str) -> types.SimpleNamespace:
             state.interrupted = False
             raise InterruptProcessingException()
 
+    def free_memory(memory_required, device, keep_loaded=[]):
+        state.memory_calls.append(("free_memory", memory_required, device))
+        return []
+
+    def soft_empty_cache(force=False):
+        state.memory_calls.append(("soft_empty_cache",))
+
+    def loaded_models(only_currently_used=False):  # ModelPatchers; only their load_device is read
+        return [types.SimpleNamespace(load_device=d) for d in state.loaded_devices]
+
     utils.ProgressBar = ProgressBar
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.free_memory, mm.soft_empty_cache, mm.loaded_models = free_memory, soft_empty_cache, loaded_models
+    mm.get_torch_device = lambda: state.torch_device
     mm.InterruptProcessingException = InterruptProcessingException
     comfy.utils, comfy.model_management = utils, mm
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,

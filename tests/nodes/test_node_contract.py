@@ -107,3 +107,50 @@ def test_missing_file_and_bad_conditioning_fail_clearly(pack):
         pack.nodes._conditioning([[object(), {}]], "positive")
     with pytest.raises(ValueError, match="takes a single entry"):
         pack.nodes._conditioning([[1, {"pooled_output": 1}], [2, {"pooled_output": 2}]], "positive")
+
+
+WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+
+
+def _widget_inputs(cls) -> list:
+    """(name, kind, options) of the inputs the frontend shows as widgets, in widgets_values' order."""
+    inputs = cls.INPUT_TYPES()
+    specs = list(inputs["required"].items()) + list(inputs.get("optional", {}).items())
+    return [(name, spec[0], spec[1] if len(spec) > 1 else {}) for name, spec in specs
+            if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES]
+
+
+def test_example_workflows_fit_the_nodes(pack):
+    """Saved workflows stay valid as inputs are added: widget values by position (UI format), by name (API)."""
+    import glob
+    import json
+
+    folder = os.path.join(fake_comfy.REPO_ROOT, "example_workflows")
+    nodes = pack.NODE_CLASS_MAPPINGS
+    checked = 0
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        with open(path) as f:
+            for node in json.load(f)["nodes"]:
+                if node["type"] not in nodes:
+                    continue
+                widgets = _widget_inputs(nodes[node["type"]])
+                values = list(node["widgets_values"])
+                for i, (_, _, options) in enumerate(widgets):  # drop the "fixed"/"randomize" after a seed
+                    if i < len(values) and options.get("control_after_generate"):
+                        del values[i + 1]
+                assert len(values) <= len(widgets), (path, node["type"])
+                for value, (name, kind, _) in zip(values, widgets):
+                    kind = str if isinstance(kind, list) else WIDGET_TYPES[kind]
+                    assert isinstance(value, kind) and not (kind is int and isinstance(value, bool)), \
+                        (path, node["type"], name, value)
+                checked += 1
+    for path in glob.glob(os.path.join(folder, "api", "*.json")):
+        with open(path) as f:
+            for node in json.load(f).values():
+                if node["class_type"] not in nodes:
+                    continue
+                inputs = nodes[node["class_type"]].INPUT_TYPES()
+                assert set(inputs["required"]) <= set(node["inputs"]), (path, node["class_type"])
+                assert set(node["inputs"]) <= set(inputs["required"]) | set(inputs.get("optional", {})), path
+                checked += 1
+    assert checked >= 12

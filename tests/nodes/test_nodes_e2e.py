@@ -103,6 +103,7 @@ def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
     (encoded_one,) = nodes["XDiTVAEEncode"]().encode(image, vae_one)
     assert float((image - image_one).abs().max()) <= 1e-5
     assert float((encoded["samples"] - encoded_one["samples"]).abs().max()) <= 1e-5
+    assert state.memory_calls == []  # CPU ranks: nothing asked of ComfyUI's model management
 
 
 def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):

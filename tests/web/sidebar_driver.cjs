@@ -74,6 +74,9 @@ async function requests(method, route) {
     const rank1 = await text("[data-testid=xdit-rank-1]");
     check(rank1.includes("NVIDIA H100 80GB HBM3") && rank1.includes("gpu-node-1"), `rank 1 row: ${rank1}`);
     check((await text("[data-testid=xdit-memory-1]")).includes("22.0 / 80.0 GiB"), "rank 1 memory");
+    check(rank1.includes("GPU 3 · NVIDIA H100"), `rank 1 physical GPU: ${rank1}`);
+    const free1 = await text("[data-testid=xdit-free-1]");
+    check(free1 === "40.0 GiB free on the GPU · other processes 18.0 GiB", `rank 1 free memory: ${free1}`);
     const models = await text("[data-testid=xdit-models]");
     for (const want of ["flux1-dev.safetensors", "dev, bf16", "Ulysses 2", "style-lora.safetensors ×0.80", "ae.safetensors"]) {
       check(models.includes(want), `models list lacks ${want}: ${models}`);

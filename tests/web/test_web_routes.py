@@ -63,6 +63,8 @@ def test_status_names_models_by_file_name_and_never_shows_paths():
         assert [r["rank"] for r in s["ranks"]] == [0, 1]
         assert s["ranks"][1]["gpu"] == "NVIDIA H100 80GB HBM3" and s["ranks"][1]["device"] == "cuda:1"
         assert s["ranks"][1]["memory_total"] == 80 * GIB and s["ranks"][1]["memory_used"] == 22 * GIB
+        assert s["ranks"][1]["gpu_index"] == 3 and s["ranks"][1]["memory_free"] == 40 * GIB
+        assert s["ranks"][1]["memory_allocated"] == 20 * GIB and s["ranks"][1]["memory_reserved"] == 21 * GIB
         [model] = s["models"]
         assert model["name"] == "flux1-dev.safetensors" and model["dtype"] == "bf16" and model["variant"] == "dev"
         assert model["loras"] == [{"name": "style-lora.safetensors", "strength": 0.8}]
@@ -70,6 +72,12 @@ def test_status_names_models_by_file_name_and_never_shows_paths():
         assert s["strategy"] == "Ulysses 2" and s["degrees"] == model["degrees"]
         assert s["vaes"] == [{"name": "ae.safetensors", "dtype": "fp32"}]
         assert s["activity"] is None and s["error"] is None
+
+
+def test_without_nvml_a_rank_shows_what_its_allocator_reserved():
+    s = status_payload(_engine(), ActivityTracker(), memory_probe=lambda ranks: {})
+    assert [r["memory_used"] for r in s["ranks"]] == [19 * GIB, 21 * GIB]
+    assert [r["memory_free"] for r in s["ranks"]] == [42 * GIB, 40 * GIB]
 
 
 def test_stopped_and_failed_pools():

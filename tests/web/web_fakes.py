@@ -31,7 +31,8 @@ GIB = 2 ** 30
 def describe(nranks: int = 2, models: bool = True) -> dict:
     """What worker/handlers.py describe() answers, file paths and all."""
     ranks = [dict(rank=r, pid=4000 + r, host="gpu-node-1", device=f"cuda:{r}", device_name="NVIDIA H100 80GB HBM3",
-                  memory_total=80 * GIB) for r in range(nranks)]
+                  gpu_index=2 + r, memory_total=80 * GIB, memory_free=(42 - 2 * r) * GIB,
+                  memory_allocated=(18 + 2 * r) * GIB, memory_reserved=(19 + 2 * r) * GIB) for r in range(nranks)]
     key = f"{MODEL_PATH}|bf16|default|ring_degree=1,ulysses_degree={nranks}|compile=False"
     return dict(world_size=nranks, device="cuda", ranks=ranks,
                 models=[dict(key=key, parallel=dict(dp_degree=1, cfg_degree=1, pipefusion_degree=1, ring_degree=1,
