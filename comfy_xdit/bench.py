@@ -2,12 +2,20 @@
 
     python -m comfy_xdit.bench --px 1024,2048 --gpus 1,2 --strategies ulysses,ring [--compile both]
                                [--baseline] [--steps 28] [--preset flux-dev] [--json out.json]
+                               [--weight-dtype fp8_e4m3fn] [--memory-cap-gb 16 [--resident-gb 4.9]]
+    python -m comfy_xdit.bench --vae --px 2048,4096,8192 --gpus 1,2
 
 Full-size random-weight models (shapes, not values, decide speed). For every GPU count,
 strategy, resolution and compile setting: one warm-up request, then one timed request of
 `steps` steps. Prints one table: seconds end to end, the workers' own denoise time, pool
 overhead (end to end minus denoise), speedup over a 1-GPU diffusers FluxPipeline run in the
 same call (--baseline), TFLOP/s per GPU from the shapes, and peak memory per GPU.
+
+--memory-cap-gb caps what each worker may allocate (emulating smaller cards on a large one);
+--resident-gb makes this process hold that much on GPU 0 for the whole run, the way ComfyUI
+keeps a text encoder there, and lowers rank 0's cap by as much. A layout that does not fit is
+reported as refused, with the pool's message. --vae times the patch-parallel VAE decode of a
+full-size Flux VAE (random weights, written to a temporary file) instead.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 import torch
 
 from .models.flux_random import PRESETS, flux_config
-from .pool.controller import PoolOptions, WorkerPool
+from .pool.controller import PoolOptions, RequestFailed, WorkerPool
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
               "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None,
@@ -84,13 +92,19 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true", help="also time diffusers FluxPipeline on 1 GPU")
     p.add_argument("--json", default=None, help="write the rows here too")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run on CPU ranks")
+    p.add_argument("--weight-dtype", default=None, help="bf16 (default on CUDA), fp8_e4m3fn, fp16, fp32")
+    p.add_argument("--memory-cap-gb", type=float, default=None, help="GB each worker may allocate")
+    p.add_argument("--resident-gb", type=float, default=0.0, help="GB this process holds on GPU 0 meanwhile")
+    p.add_argument("--vae", action="store_true", help="time the patch-parallel VAE decode instead")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA GPU is visible (use --device cpu with --preset tiny for a smoke run)")
     if args.baseline and args.device != "cuda":
         p.error("--baseline needs CUDA")
-    config = flux_config(args.preset)
     resolutions = [int(x) for x in args.px.split(",")]
+    if args.vae:
+        return bench_vae(args, resolutions)
+    config = flux_config(args.preset)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     baselines = {px: baseline_diffusers(config, px, args.steps, args.text_tokens) for px in resolutions} \
         if args.baseline else {}
@@ -99,17 +113,28 @@ def main(argv=None) -> int:
     for px, seconds in baselines.items():
         print(f"diffusers FluxPipeline, 1 GPU, {px}px: {seconds:.3f} s", file=sys.stderr, flush=True)
 
+    resident = (torch.empty(int(args.resident_gb * 1e9), dtype=torch.uint8, device="cuda")
+                if args.resident_gb else None)  # stays allocated until this process ends
     rows = []
     for gpus in [int(x) for x in args.gpus.split(",")]:
-        pool = WorkerPool(PoolOptions(nproc=gpus, device=args.device, start_timeout=600))
+        pool = WorkerPool(_pool_options(args, gpus))
         try:
             for strategy in (args.strategies.split(",") if gpus > 1 else ["single"]):
                 for compiled in compiles:
-                    dtype = "bf16" if args.device == "cuda" else "fp32"
+                    dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
                     load = dict(random_preset=args.preset, dtype=dtype, attention_kernel=args.kernel,
                                 parallel=STRATEGIES.get(strategy, lambda n: None)(gpus), compile=compiled,
                                 num_pipeline_patch=args.pipeline_patches, warmup_steps=args.warmup_steps)
-                    key = pool.request("load_model", load)[0]["model_key"]
+                    try:
+                        loaded = pool.request("load_model", load)[0]
+                        key = loaded["model_key"]
+                    except RequestFailed as e:
+                        if e.kind != "memory":
+                            raise
+                        row = dict(gpus=gpus, strategy=strategy, dtype=dtype, compile=compiled, refused=str(e))
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        continue
                     for px in resolutions:
                         g = torch.Generator().manual_seed(0)
                         tensors = {"context": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
@@ -124,7 +149,9 @@ def main(argv=None) -> int:
                                                 on_progress=_progress(label))
                         total = time.perf_counter() - start
                         flops = flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps
-                        row = dict(gpus=gpus, strategy=strategy, px=px, compile=compiled, steps=args.steps,
+                        row = dict(gpus=gpus, strategy=strategy, dtype=loaded.get("weight_dtype", dtype),
+                                   layout={k: v for k, v in loaded["parallel"].items() if v > 1}, px=px,
+                                   compile=compiled, steps=args.steps,
                                    seconds=round(total, 3), denoise_s=round(reply["elapsed"], 3),
                                    overhead_ms=round((total - reply["elapsed"]) * 1e3, 1),
                                    tflops_per_gpu=round(flops / total / gpus / 1e12, 1),
@@ -138,17 +165,80 @@ def main(argv=None) -> int:
             pool.shutdown()
 
     print(f"\n{'GPUs':>4} {'strategy':>8} {'px':>5} {'compile':>7} {'seconds':>8} {'denoise':>8} {'ovh ms':>7} "
-          f"{'speedup':>7} {'TFLOP/s/GPU':>11}  peak GiB/GPU")
+          f"{'speedup':>7} {'TFLOP/s/GPU':>11}  peak GiB/GPU  weights, layout")
     for px, seconds in baselines.items():
         print(f"{1:>4} {'diffusers':>8} {px:>5} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} {1.0:>7.2f} "
               f"{flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps / seconds / 1e12:>11.1f}")
     for r in rows:
+        if "refused" in r:
+            print(f"{r['gpus']:>4} {r['strategy']:>8} {r['dtype']}: refused: {r['refused']}")
+            continue
         print(f"{r['gpus']:>4} {r['strategy']:>8} {r['px']:>5} {str(r['compile']):>7} {r['seconds']:>8.3f} "
               f"{r['denoise_s']:>8.3f} {r['overhead_ms']:>7.1f} {r.get('speedup_vs_diffusers', float('nan')):>7.2f} "
-              f"{r['tflops_per_gpu']:>11.1f}  {r['peak_gib']}")
+              f"{r['tflops_per_gpu']:>11.1f}  {r['peak_gib']}  {r['dtype']} {r['layout']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(baselines=baselines, rows=rows), f, indent=1)
+    del resident
+    return 0
+
+
+def _pool_options(args, gpus: int) -> PoolOptions:
+    env = {}
+    if args.memory_cap_gb:
+        caps = [args.memory_cap_gb - (args.resident_gb if rank == 0 else 0.0) for rank in range(gpus)]
+        env["CXD_MEMORY_CAP_GB"] = ",".join(f"{c:.3f}" for c in caps)
+    return PoolOptions(nproc=gpus, device=args.device, start_timeout=600, env=env)
+
+
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def bench_vae(args, resolutions: list[int]) -> int:
+    """Decode time and peak memory per GPU of a full-size Flux VAE through the pool, per GPU count and size."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from .vae.loader import write_vae_checkpoint
+
+    dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_vae_checkpoint(AutoencoderKL(**FLUX_VAE).eval(), f"{tmp}/ae.safetensors")
+        for gpus in [int(x) for x in args.gpus.split(",")]:
+            pool = WorkerPool(_pool_options(args, gpus))
+            try:
+                key = pool.request("load_model", dict(kind="vae", path=path, dtype=dtype))[0]["model_key"]
+                for px in resolutions:
+                    latent = torch.randn(1, 16, px // 8, px // 8, generator=torch.Generator().manual_seed(0))
+                    row = dict(gpus=gpus, px=px, dtype=dtype)
+                    try:
+                        pool.request("decode", {"vae_key": key}, {"samples": latent[..., :64, :64]})  # warm-up
+                        start = time.perf_counter()
+                        reply, _ = pool.request("decode", {"vae_key": key}, {"samples": latent})
+                        row.update(seconds=round(time.perf_counter() - start, 3),
+                                   decode_s=round(reply["elapsed"], 3),
+                                   peak_gib=[round(m / 2**30, 2) for m in reply.get("peak_memory", [])])
+                    except RequestFailed as e:
+                        if e.kind != "memory":
+                            raise
+                        row["refused"] = str(e)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
+                pool.shutdown()
+    print(f"\n{'GPUs':>4} {'px':>5} {'seconds':>8} {'decode':>8}  peak GiB/GPU")
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['gpus']:>4} {r['px']:>5} refused: {r['refused']}")
+        else:
+            print(f"{r['gpus']:>4} {r['px']:>5} {r['seconds']:>8.3f} {r['decode_s']:>8.3f}  {r['peak_gib']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows), f, indent=1)
     return 0
 
 

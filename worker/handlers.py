@@ -16,7 +16,7 @@ import torch.distributed as dist
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
 from comfy_xdit.models.flux import FLUX_LATENT, FluxModel
-from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, check_flux_memory, flux_stage_bounds
+from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, flux_stage_bounds
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer, read_flux_info
 from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
 from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
@@ -29,6 +29,8 @@ from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
+# GB each rank may use on its GPU ("16", or one value per rank "10.5,16"): emulates smaller cards on a large one
+MEMORY_CAP_ENV = "CXD_MEMORY_CAP_GB"
 
 
 class RequestError(Exception):
@@ -37,6 +39,21 @@ class RequestError(Exception):
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
         self.kind = kind
+
+
+def memory_cap_bytes(rank: int) -> int | None:
+    """This rank's cap from MEMORY_CAP_ENV ("16" for every rank, or "10.5,16" per rank), else None."""
+    caps = [float(x) for x in os.environ.get(MEMORY_CAP_ENV, "").split(",") if x.strip()]
+    return int((caps[rank] if len(caps) > 1 else caps[0]) * 1e9) if caps else None
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """What this process may still allocate on its GPU: the driver's free memory plus this process's
+    cached blocks, within its per-process cap (set from MEMORY_CAP_ENV at start-up)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total
+    return max(0, int(min(free + torch.cuda.memory_reserved(device) - allocated, cap - allocated)))
 
 
 def _require(cond: bool, message: str) -> None:
@@ -54,6 +71,7 @@ class WorkerState:
         self.cancel_requested = threading.Event()  # set by rank 0's socket reader
         self.current_request = -1
         self.models: dict[str, FluxModel] = {}
+        self.model_storage: dict[str, str] = {}  # model key -> weight_dtype it runs with ("auto" may pick fp8)
         self.mergers: dict[str, LoraMerger] = {}
         self.loras: dict[tuple, object] = {}   # (path, mtime) -> parsed LoRA, so strength changes never re-read
         self.vaes: dict[str, object] = {}
@@ -182,15 +200,19 @@ class WorkerState:
                 config = info.config
             heads = config["num_attention_heads"]
             try:
-                parallel = (ParallelConfig(**args["parallel"]) if args.get("parallel")
-                            else ParallelConfig.for_sequence_parallel(self.world_size, heads))
+                if args.get("parallel"):
+                    parallel = ParallelConfig(**args["parallel"])
+                elif self.device.type == "cuda":  # auto: the fastest layout that fits (fp8 only if none does)
+                    parallel, dtype = auto_layout(config, self.world_size, dtype, *self._fullest_gpu())
+                    compute, fp8 = WEIGHT_STORAGE[dtype]
+                else:
+                    parallel = ParallelConfig.for_sequence_parallel(self.world_size, heads)
                 parallel.validate(world_size=self.world_size, num_heads=heads)
             except ParallelConfigError as e:
                 raise RequestError(str(e)) from e
+            except NotEnoughMemory as e:
+                raise RequestError(str(e), kind="memory") from e
             pipefusion = parallel.pipefusion_degree > 1
-            _require(not pipefusion or parallel.sp_degree == 1,
-                     "pipefusion with ulysses or ring inside a stage is not available yet: set ring_degree = "
-                     "ulysses_degree = 1 (cfg_degree and dp_degree combine with it)")
             _require(not (pipefusion and args.get("compile")), "compile is not available with pipefusion yet")
             mesh, stage = self._mesh(parallel), None
             if pipefusion:  # this rank reads only its stage's blocks
@@ -219,25 +241,24 @@ class WorkerState:
                     model = FluxPipeFusion(model, options)
                 except ValueError as e:
                     raise RequestError(str(e)) from e
-            self.models[key] = model
+            self.models[key], self.model_storage[key] = model, dtype
         model = self.models[key]
         return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
+                    weight_dtype=self.model_storage[key],
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
+
+    def _fullest_gpu(self) -> tuple[int, str]:
+        """(free bytes, device name) of the rank with the least free memory; every rank gets the same answer."""
+        free = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(free, torch.tensor([device_free_bytes(self.device)]), group=self.control)
+        fullest = min(range(self.world_size), key=lambda r: int(free[r]))
+        return int(free[fullest]), self.ranks[fullest]["device"]
 
     def _check_memory(self, config: dict, parallel: ParallelConfig, dtype: str) -> None:
         """Refuse, before any weight is read, a layout that does not fit the GPU with the least free memory
-        (weights plus the activations of one 1024x1024 image); every rank sees the same numbers."""
-        free_now, total = torch.cuda.mem_get_info(self.device)
-        allocated = torch.cuda.memory_allocated(self.device)
-        # what this process can still take: free memory plus its cached blocks, within a per-process cap if set
-        mine = min(free_now + torch.cuda.memory_reserved(self.device) - allocated,
-                   torch.cuda.get_per_process_memory_fraction(self.device) * total - allocated)
-        free = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(free, torch.tensor([int(mine)]), group=self.control)
-        fullest = min(range(self.world_size), key=lambda r: int(free[r]))
+        (weights plus the activations of one 1024x1024 image)."""
         try:
-            check_flux_memory(config, parallel, dtype, int(free[fullest]), self.ranks[fullest]["device"],
-                              image_size=(1024, 1024))
+            check_flux_memory(config, parallel, dtype, *self._fullest_gpu(), image_size=(1024, 1024))
         except NotEnoughMemory as e:
             loaded = f" ({len(self.models)} other model(s) loaded: unload them to free memory)" if self.models else ""
             raise RequestError(str(e) + loaded, kind="memory") from e
@@ -259,13 +280,16 @@ class WorkerState:
     def _vae(self, kind: str, args: dict, tensors: dict) -> tuple[dict, dict]:
         """Patch-parallel decode/encode: every rank takes a band of rows; the result lands on rank 0."""
         vae, info = self.vaes[args["vae_key"]]
+        start = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode():
             if kind == "decode":
                 samples = tensors["samples"].to(self.device)
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
                 if self.device.type == "cuda":  # the smallest free memory of any rank, so all ranks agree
-                    free = torch.tensor([torch.cuda.mem_get_info(self.device)[0]], dtype=torch.int64)
+                    free = torch.tensor([device_free_bytes(self.device)], dtype=torch.int64)
                     dist.all_reduce(free, op=dist.ReduceOp.MIN, group=self.control)
                     try:
                         check_decode_fits(info.config, tuple(samples.shape), self.world_size,
@@ -284,7 +308,18 @@ class WorkerState:
                 else:
                     out = vae_loader.encode(vae, images) if self.rank == 0 else None
                 name = "samples"
-        return ({}, {name: out.float().cpu()}) if self.rank == 0 else ({}, {})
+        if self.rank == 0:
+            out = out.float().cpu()  # waits for the GPU, so elapsed covers the whole decode
+        reply = dict(elapsed=time.time() - start, **self._peak_memory())
+        return (reply, {name: out}) if self.rank == 0 else (reply, {})
+
+    def _peak_memory(self) -> dict:
+        """{"peak_memory": [bytes per rank]} since the last reset, on CUDA; {} on CPU. Every rank calls it."""
+        if self.device.type != "cuda":
+            return {}
+        peaks = [None] * self.world_size
+        dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(self.device), group=self.control)
+        return dict(peak_memory=peaks)
 
     def _apply_loras(self, key: str, loras: list) -> None:
         model = self.models[key]
@@ -332,6 +367,7 @@ class WorkerState:
             torch._dynamo.reset()  # compiled graphs of the old model would crowd the recompile limit
         for k in keys:
             self.models.pop(k, None)
+            self.model_storage.pop(k, None)
             self.mergers.pop(k, None)
             self.vaes.pop(k, None)
         if key is None:
@@ -383,9 +419,4 @@ class WorkerState:
                          sampler_name=args.get("sampler_name", "euler"), scheduler=args.get("scheduler", "simple"),
                          denoise=float(args.get("denoise", 1.0)), noise_mask=tensors.get("noise_mask"))
         samples = samples.float().cpu()  # waits for the GPU, so elapsed covers the whole denoise
-        reply = dict(elapsed=time.time() - start)
-        if self.device.type == "cuda":
-            peaks = [None] * self.world_size
-            dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(self.device), group=self.control)
-            reply["peak_memory"] = peaks
-        return reply, {"samples": samples}
+        return dict(elapsed=time.time() - start, **self._peak_memory()), {"samples": samples}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from comfy_xdit.pool.protocol import REQUEST_TYPES, Channel, ProtocolError, accept, listen
 
-from .handlers import RequestError, WorkerState
+from .handlers import RequestError, WorkerState, memory_cap_bytes
 
 ENV_DIR, ENV_SECRET, ENV_POOL_ID = "CXD_POOL_DIR", "CXD_POOL_SECRET", "CXD_POOL_ID"
 ENV_DEVICE, ENV_CONTROLLER_PID = "CXD_DEVICE", "CXD_CONTROLLER_PID"
@@ -169,6 +169,13 @@ def _follow(state: WorkerState, relay: _Relay) -> None:
         _run(state, msg, tensors)
 
 
+def _cap_memory(device: torch.device, rank: int) -> None:
+    cap = memory_cap_bytes(rank)
+    if cap is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+
+
 def main() -> int:
     pool_dir = os.environ[ENV_DIR]
     rank = int(os.environ["RANK"])
@@ -180,6 +187,7 @@ def main() -> int:
         if device_kind == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
+            _cap_memory(device, rank)
             dist.init_process_group("nccl", device_id=device)
             control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         else:

@@ -13,3 +13,13 @@ def test_bench_runs_through_the_pool(tmp_path, capsys):
     assert [(r["gpus"], r["strategy"]) for r in rows] == [(1, "single"), (2, "ulysses"), (2, "ring")]
     assert all(r["seconds"] >= r["denoise_s"] > 0 and r["steps"] == 2 for r in rows)
     assert "TFLOP/s/GPU" in capsys.readouterr().out
+
+
+def test_bench_vae_decode_through_the_pool(tmp_path, capsys):
+    out = tmp_path / "vae.json"
+    assert bench.main(["--device", "cpu", "--vae", "--px", "64", "--gpus", "2", "--weight-dtype", "fp32",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["gpus"], r["px"]) for r in rows] == [(2, 64)]
+    assert rows[0]["seconds"] >= rows[0]["decode_s"] > 0
+    assert "peak GiB/GPU" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from diffusers import FluxTransformer2DModel
 import comfy_xdit.models.flux_checkpoint as flux_checkpoint
 from comfy_xdit.client import WEIGHT_DTYPES
 from comfy_xdit.config import ParallelConfig
-from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, check_flux_memory, estimate_flux_memory,
+from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, estimate_flux_memory,
                                flux_stage_bounds)
 from comfy_xdit.models.flux_checkpoint import _header, keep_stage, load_flux_transformer, store_blocks_fp8
 from comfy_xdit.models.flux_random import flux_config, random_flux
@@ -178,3 +178,21 @@ def test_random_stage_equals_the_whole_model_cut(fp8, stage):
     assert got.keys() == want.keys() and all(
         got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8))
         for k in want)
+
+
+def test_auto_layout_prefers_sequence_parallel_then_pipefusion_then_fp8():
+    config = flux_config("flux-dev")
+    gb = 10**9
+    # 2 GPUs: weights 23.8 GB bf16, about half per PipeFusion stage, about half again in fp8
+    assert auto_layout(config, 2, "bf16", 40 * gb, "cuda:0") == (ParallelConfig(ulysses_degree=2), "bf16")
+    assert auto_layout(config, 2, "bf16", 16 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "bf16")
+    assert auto_layout(config, 2, "bf16", 10 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "fp8_e4m3fn")
+    # 4 GPUs: two stages with Ulysses 2 inside each come before four stages
+    assert auto_layout(config, 4, "bf16", 16 * gb, "cuda:0") == \
+        (ParallelConfig(pipefusion_degree=2, ulysses_degree=2), "bf16")
+    # fp16 weights are never swapped for fp8 by auto (fp8 computes in bf16), only suggested
+    with pytest.raises(NotEnoughMemory, match=r"needs 15.0 GB per GPU with pipefusion 2 and fp16; 10.0 GB free on "
+                                              r"cuda:1; pipefusion 2 with fp8 would need 9.1 GB"):
+        auto_layout(config, 2, "fp16", 10 * gb, "cuda:1")
+    with pytest.raises(NotEnoughMemory, match=r"with pipefusion 2 and fp8; 4.0 GB free on cuda:0; use more GPUs"):
+        auto_layout(config, 2, "bf16", 4 * gb, "cuda:0")
