@@ -13,13 +13,18 @@ Every rank holds a contiguous shard of the joint sequence. Two ways to hold the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+from yunchang.comm.all_to_all import SeqAllToAll4D
 from yunchang.hybrid.attn_layer import LongContextAttention
 from yunchang.hybrid.utils import RING_IMPL_DICT
 from yunchang.ring.utils import update_out_and_lse
 
 from .kernels import Kernel
+
+FUSED_QKV_ENV = "CXD_FUSED_QKV"  # "0": three all-to-alls as yunchang sends them (for A/B timing)
 
 
 class _ExplicitGroupAttention(LongContextAttention):
@@ -36,6 +41,31 @@ class _ExplicitGroupAttention(LongContextAttention):
         self.scatter_idx = 2
         self.gather_idx = 1
         self.ring_attn_fn = RING_IMPL_DICT["basic"]
+        self.fuse_qkv = os.environ.get(FUSED_QKV_ENV, "1") != "0"
+
+    def forward(self, query, key, value, softmax_scale=None):
+        if not (self.fuse_qkv and query.shape == key.shape == value.shape and dist.get_world_size(self.ulysses_pg) > 1):
+            return super().forward(query, key, value, softmax_scale=softmax_scale)
+        q, k, v = _qkv_all_to_all(query, key, value, self.ulysses_pg)
+        out = self.ring_attn_fn(q, k, v, softmax_scale=softmax_scale, causal=False, group=self.ring_pg,
+                                attn_type=None, attn_processor=self.attn_processor)
+        out = out[0] if isinstance(out, tuple) else out
+        return SeqAllToAll4D.apply(self.ulysses_pg, out, self.gather_idx, self.scatter_idx, False)
+
+
+def _qkv_all_to_all(q, k, v, group: dist.ProcessGroup):
+    """One all-to-all for Q, K and V (yunchang sends three): [b, s/P, h, d] each -> [b, s, h/P, d] each.
+
+    Packed as [P, s/P, 3, b, h/P, d], so one copy in; the received buffer has the same layout and
+    each of Q/K/V is a strided view of it (rows 3 apart), with no copy out.
+    """
+    p = dist.get_world_size(group)
+    b, s, h, d = q.shape
+    send = torch.stack([t.reshape(b, s, p, h // p, d).permute(2, 1, 0, 3, 4) for t in (q, k, v)], dim=2)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    recv = recv.view(p * s, 3, b, h // p, d)  # [P, s/P] -> full sequence: shard-major, as yunchang orders it
+    return tuple(recv[:, i].transpose(0, 1) for i in range(3))
 
 
 class _JointTextRingStep:
