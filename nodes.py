@@ -78,8 +78,8 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
                          "empty for the first GPUs") from None
 
 
-def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, dp: int = 1) -> tuple:
-    """Degrees for the loader's strategy; empty = auto (sequence parallel, as much Ulysses as the heads allow)."""
+def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, dp: int = 1, pp: int = 1) -> tuple:
+    """Degrees for the loader's strategy; empty = auto (the workers pick the fastest layout that fits)."""
     if strategy == "auto":
         return ()
     if strategy == "ulysses":
@@ -94,11 +94,15 @@ def _parallel(strategy: str, gpus: int, ulysses: int, ring: int, cfg: int = 1, d
         return (("dp_degree", gpus),)
     if strategy == "pipefusion":  # blocks split over GPUs, latent in row patches (1 warmup step, then stale K/V)
         return (("pipefusion_degree", gpus),)
-    if ulysses * ring * cfg * dp != gpus:
-        raise ValueError(f"manual strategy: dp_degree {dp} x cfg_degree {cfg} x ulysses_degree {ulysses} x "
-                         f"ring_degree {ring} = {ulysses * ring * cfg * dp}, but {gpus} GPUs were asked for; "
+    if ulysses * ring * cfg * dp * pp != gpus:
+        what = f"dp_degree {dp} x cfg_degree {cfg} x " + (f"pipefusion_degree {pp} x " if pp > 1 else "")
+        raise ValueError(f"manual strategy: {what}ulysses_degree {ulysses} x ring_degree {ring} = "
+                         f"{ulysses * ring * cfg * dp * pp}, but {gpus} GPUs were asked for; "
                          "the product must equal the GPU count")
-    return tuple(sorted({"dp_degree": dp, "cfg_degree": cfg, "ring_degree": ring, "ulysses_degree": ulysses}.items()))
+    degrees = {"dp_degree": dp, "cfg_degree": cfg, "ring_degree": ring, "ulysses_degree": ulysses}
+    if pp > 1:
+        degrees["pipefusion_degree"] = pp
+    return tuple(sorted(degrees.items()))
 
 
 def _conditioning(cond, name: str) -> Conditioning:
@@ -133,8 +137,9 @@ class XDiTModelLoader:
                 "gpus": ("INT", {"default": _max_gpus(), "min": 1, "max": _max_gpus(),
                                  "tooltip": "How many GPUs run the model together (one worker each)."}),
                 "strategy": (list(STRATEGIES), {"default": "auto",
-                                                "tooltip": "auto: as much Ulysses as the heads allow, the rest "
-                                                           "Ring. cfg_parallel: the negative prompt on half the "
+                                                "tooltip": "auto: sequence parallel (Ulysses, then Ring) when "
+                                                           "the model fits each GPU, else the fewest PipeFusion "
+                                                           "stages that fit, else fp8 weights. cfg_parallel: the negative prompt on half the "
                                                            "GPUs. data_parallel: batch items spread over GPUs. "
                                                            "pipefusion: blocks split over GPUs (less memory "
                                                            "per GPU; approximate after the first step). "
@@ -151,6 +156,16 @@ class XDiTModelLoader:
                 "dp_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
                                       "tooltip": "manual strategy: batch items on different GPUs."}),
                 "gpu_ids": GPU_IDS_INPUT,
+                "pipefusion_degree": ("INT", {"default": 1, "min": 1, "max": 64, "advanced": True,
+                                              "tooltip": "manual strategy: pipeline stages (blocks split over "
+                                                         "GPUs); multiplies with the degrees above."}),
+                "num_pipeline_patch": ("INT", {"default": 2, "min": 1, "max": 64, "advanced": True,
+                                               "tooltip": "pipefusion: row patches per step; more keeps the "
+                                                          "pipeline fuller, each patch smaller."}),
+                "warmup_steps": ("INT", {"default": 1, "min": 1, "max": 10000, "advanced": True,
+                                         "tooltip": "pipefusion: synchronous steps first; from then on patches "
+                                                    "see one-step-old K/V of the others. As many as steps: "
+                                                    "exact, no pipelining."}),
             },
         }
 
@@ -160,11 +175,11 @@ class XDiTModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1, cfg_degree=1,
-             dp_degree=1, gpu_ids=""):
+             dp_degree=1, gpu_ids="", pipefusion_degree=1, num_pipeline_patch=2, warmup_steps=1):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus,
-                             parallel=_parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree),
-                             gpu_ids=_gpu_ids(gpu_ids))
+        parallel = _parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree, pipefusion_degree)
+        handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus, parallel=parallel, gpu_ids=_gpu_ids(gpu_ids),
+                             pipefusion=(("num_pipeline_patch", num_pipeline_patch), ("warmup_steps", warmup_steps)))
         _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
         return (handle,)
 

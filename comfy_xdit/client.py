@@ -42,13 +42,14 @@ class ModelHandle:
     attention_kernel: str | None = None
     loras: tuple = ()                    # ((path, strength), ...) in application order
     gpu_ids: tuple = ()                  # which GPUs (cuda:i here), as many as `gpus`; empty = the first `gpus`
+    pipefusion: tuple = ()               # (("num_pipeline_patch", n), ("warmup_steps", w)); empty = defaults
 
     def with_lora(self, path: str, strength: float) -> "ModelHandle":
         return replace(self, loras=self.loras + ((path, float(strength)),))
 
     def load_args(self) -> dict:
         return dict(path=self.path, dtype=self.dtype, parallel=dict(self.parallel) or None,
-                    attention_kernel=self.attention_kernel)
+                    attention_kernel=self.attention_kernel, **dict(self.pipefusion))
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ class WorkerState:
         dtype = args.get("dtype", "bf16")
         source = f"random:{args['random_preset']}" if args.get("random_preset") else os.path.abspath(args["path"])
         layout = ",".join(f"{k}={v}" for k, v in sorted((args.get("parallel") or {}).items())) or "auto"
-        if (args.get("parallel") or {}).get("pipefusion_degree", 1) > 1:
+        if layout == "auto" or (args.get("parallel") or {}).get("pipefusion_degree", 1) > 1:  # auto may pick it
             layout += f",patches={args.get('num_pipeline_patch', 2)},warmup={args.get('warmup_steps', 1)}"
         key = f"{source}|{dtype}|{args.get('attention_kernel') or 'default'}|{layout}|compile={bool(args.get('compile'))}"
         if key not in self.models:
@@ -392,6 +392,9 @@ class WorkerState:
         model = self.models[args["model_key"]]
         try:
             model.check_latent(tuple(tensors["latent"].shape))
+            for name in ("context", "negative_context"):
+                if name in tensors:
+                    model.check_text(tensors[name].shape[1])
         except ValueError as e:
             raise RequestError(str(e)) from e
         start, deadline = time.time(), args.get("deadline")

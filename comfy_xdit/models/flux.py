@@ -152,6 +152,9 @@ class FluxModel:
             raise ValueError(f"{w * 8}x{h * 8} px gives {tokens} image tokens, which do not split evenly over "
                              f"sequence-parallel degree {sp}; pick a size whose token count divides by {sp}")
 
+    def check_text(self, text_len: int) -> None:
+        """Any text length runs: one that does not split over the sp degree is replicated (see USPAttention)."""
+
     def forward(self, hidden_states, encoder_hidden_states, pooled, timestep, img_ids, txt_ids, guidance=None):
         """Transformer forward on full (unsharded) inputs; returns the full output on every rank."""
         call = dict(pooled_projections=pooled, timestep=timestep, guidance=guidance, return_dict=False)

@@ -194,6 +194,10 @@ class FluxPipeFusion:
         if sp > 1:  # every patch splits over the stage's sequence-parallel ranks
             shard_patches(row_patches(0, rows, latent_shape[-1] // PATCH, patches), 0, sp, 0)
 
+    def check_text(self, text_len: int) -> None:
+        """Sequence parallelism inside a stage splits the text too, so its length must divide the sp degree."""
+        shard_patches([Patch(0, text_len, text_len)], text_len, self.mesh.sp_degree, 0)
+
     def denoiser(self, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
                  latent_shape: tuple[int, ...]):
         self.check_latent(latent_shape)

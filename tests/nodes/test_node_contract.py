@@ -95,6 +95,11 @@ def test_manual_strategy_must_multiply_to_the_gpu_count(pack):
     assert pack.nodes._parallel("auto", 4, 1, 1) == ()
     assert dict(pack.nodes._parallel("cfg_parallel", 4, 1, 1)) == {"cfg_degree": 2, "ulysses_degree": 2}
     assert dict(pack.nodes._parallel("data_parallel", 2, 1, 1)) == {"dp_degree": 2}
+    assert dict(pack.nodes._parallel("manual", 8, 2, 1, 2, 1, 2)) == {"ring_degree": 1, "ulysses_degree": 2,
+                                                                      "cfg_degree": 2, "dp_degree": 1,
+                                                                      "pipefusion_degree": 2}
+    with pytest.raises(ValueError, match=r"pipefusion_degree 2 x ulysses_degree 2 x ring_degree 1 = 4, but 2 GPUs"):
+        pack.nodes._parallel("manual", 2, 2, 1, 1, 1, 2)
     with pytest.raises(ValueError, match="cfg_parallel needs an even number of GPUs, got 3"):
         pack.nodes._parallel("cfg_parallel", 3, 1, 1)
 

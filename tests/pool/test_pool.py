@@ -293,3 +293,23 @@ def test_pipefusion_through_the_pool(pool2, checkpoint):
     with pytest.raises(RequestFailed, match="LoRAs are not available with pipefusion yet"):
         pool2.request("sample", {"model_key": args["model_key"], "seed": 2, "steps": 1,
                                  "loras": [[checkpoint, 1.0]]}, _inputs(seed=2))
+
+
+def test_pipefusion_with_ulysses_inside_stages_through_a_4_rank_pool(checkpoint):
+    pool = WorkerPool(PoolOptions(nproc=4))
+    try:
+        args, _ = pool.request("load_model", {"path": checkpoint, "dtype": "fp32", "num_pipeline_patch": 2,
+                                              "parallel": {"pipefusion_degree": 2, "ulysses_degree": 2},
+                                              "warmup_steps": 3})
+        assert args["parallel"]["pipefusion_degree"] == 2 and args["parallel"]["ulysses_degree"] == 2
+        assert args["weight_dtype"] == "fp32"
+        _, out = pool.request("sample", {"model_key": args["model_key"], "seed": 3, "steps": 3}, _inputs(seed=3))
+        inp = _inputs(seed=3)
+        reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"],
+                           inp["latent"], seed=3, steps=3)
+        assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4  # synchronous: exact
+        with pytest.raises(RequestFailed, match=r"text length \(7 tokens\) to divide by 2"):
+            pool.request("sample", {"model_key": args["model_key"], "seed": 3, "steps": 1}, _inputs(seed=3, text=7))
+        assert pool.alive  # a refused request leaves the pool serving
+    finally:
+        pool.shutdown()
