@@ -17,6 +17,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from yunchang.comm.all_to_all import SeqAllToAll4D
 from yunchang.hybrid.attn_layer import LongContextAttention
 from yunchang.hybrid.utils import RING_IMPL_DICT
@@ -57,15 +58,24 @@ def _qkv_all_to_all(q, k, v, group: dist.ProcessGroup):
     """One all-to-all for Q, K and V (yunchang sends three): [b, s/P, h, d] each -> [b, s, h/P, d] each.
 
     Packed as [P, s/P, 3, b, h/P, d], so one copy in; the received buffer has the same layout and
-    each of Q/K/V is a strided view of it (rows 3 apart), with no copy out.
+    each of Q/K/V is a strided view of it (rows 3 apart), with no copy out. Functional collectives,
+    so torch.compile keeps it inside a block's graph.
     """
     p = dist.get_world_size(group)
     b, s, h, d = q.shape
     send = torch.stack([t.reshape(b, s, p, h // p, d).permute(2, 1, 0, 3, 4) for t in (q, k, v)], dim=2)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    recv = funcol.wait_tensor(funcol.all_to_all_single(send.contiguous(), None, None, group))
     recv = recv.view(p * s, 3, b, h // p, d)  # [P, s/P] -> full sequence: shard-major, as yunchang orders it
     return tuple(recv[:, i].transpose(0, 1) for i in range(3))
+
+
+def _out_all_to_all(out, group: dist.ProcessGroup):
+    """The way back: [b, s, h/P, d] (whole sequence, this rank's heads) -> [b, s/P, h, d]."""
+    p = dist.get_world_size(group)
+    b, s, hp, d = out.shape
+    send = out.reshape(b, p, s // p, hp, d).permute(1, 2, 0, 3, 4)  # [dest shard, s/P, b, h/P, d]
+    recv = funcol.wait_tensor(funcol.all_to_all_single(send.contiguous(), None, None, group))
+    return recv.permute(2, 1, 0, 3, 4).reshape(b, s // p, p * hp, d)  # heads in source (head group) order
 
 
 class _JointTextRingStep:
@@ -97,11 +107,24 @@ class USPAttention:
         self.ulysses_group = ulysses_group
         self.ulysses_degree = dist.get_world_size(ulysses_group)
         self.ulysses_rank = dist.get_rank(ulysses_group)
+        self.ring_degree = dist.get_world_size(ring_group)
         self.kernel = kernel
         self._attn = _ExplicitGroupAttention(ulysses_group, ring_group)
 
-    @torch.compiler.disable  # collectives and the ring loop stay eager inside compiled blocks
     def __call__(self, q, k, v, replicated_text_len: int = 0, softmax_scale=None):
+        if self.ring_degree == 1 and not replicated_text_len and q.shape == k.shape:
+            return self._ulysses(q, k, v, softmax_scale)
+        return self._ring(q, k, v, replicated_text_len, softmax_scale)
+
+    def _ulysses(self, q, k, v, softmax_scale):
+        """Ulysses alone: all-to-all, one kernel call, all-to-all; no ring merge. Traceable, so a compiled
+        block is one graph (the collectives are functional, the kernel an aten op)."""
+        q, k, v = _qkv_all_to_all(q, k, v, self.ulysses_group)
+        out, _ = self.kernel(q, k, v, softmax_scale=softmax_scale)
+        return _out_all_to_all(out, self.ulysses_group)
+
+    @torch.compiler.disable  # collectives and the ring loop stay eager inside compiled blocks
+    def _ring(self, q, k, v, replicated_text_len: int = 0, softmax_scale=None):
         if not replicated_text_len:
             self._attn.attn_processor = self.kernel
             return self._attn(q, k, v, softmax_scale=softmax_scale)
