@@ -130,16 +130,18 @@ def _describe(pp: int, storage: str, joiner: str) -> str:
 
 
 def check_flux_memory(config: dict, parallel: ParallelConfig, storage: str, free_bytes: int, device: str,
-                      image_size: tuple[int, int] | None = None) -> MemoryEstimate:
+                      image_size: tuple[int, int] | None = None,
+                      stage_bounds: list[tuple[int, int]] | None = None) -> MemoryEstimate:
     """The largest per-rank estimate, or NotEnoughMemory when it exceeds free_bytes, naming a layout that fits:
-    fp8 storage first, then more PipeFusion stages (dp and cfg degrees kept, sequence parallelism traded)."""
+    fp8 storage first, then more PipeFusion stages (dp and cfg degrees kept, sequence parallelism traded).
+    stage_bounds: an explicit PipeFusion split (else balanced by parameter count)."""
     def need(pp, s):
         layout = ParallelConfig(parallel.dp_degree, parallel.cfg_degree, pp,
                                 ulysses_degree=group // pp)  # only sp_degree matters to the estimate
         return max(e.total for e in estimate_flux_memory(config, layout, s, image_size))
 
     group = parallel.pipefusion_degree * parallel.sp_degree
-    estimate = max(estimate_flux_memory(config, parallel, storage, image_size), key=lambda e: e.total)
+    estimate = max(estimate_flux_memory(config, parallel, storage, image_size, stage_bounds), key=lambda e: e.total)
     if estimate.total <= free_bytes:
         return estimate
     pp, n = parallel.pipefusion_degree, len(_parts(_key(config)).blocks)

@@ -127,6 +127,9 @@ class WorkerState:
                 _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
             dtypes = WEIGHT_STORAGE if args.get("kind", "flux") == "flux" else DTYPES
             _require(args.get("dtype", "bf16") in dtypes, f"dtype must be one of {sorted(dtypes)}")
+            blocks = args.get("stage_blocks")
+            _require(blocks is None or (isinstance(blocks, list) and all(isinstance(n, int) for n in blocks)),
+                     "stage_blocks must be a list of block counts, one per pipeline stage, e.g. [20, 37]")
             if args.get("parallel"):
                 try:
                     ParallelConfig(**args["parallel"]).validate(world_size=self.world_size)
@@ -187,6 +190,7 @@ class WorkerState:
         layout = ",".join(f"{k}={v}" for k, v in sorted((args.get("parallel") or {}).items())) or "auto"
         if layout == "auto" or (args.get("parallel") or {}).get("pipefusion_degree", 1) > 1:  # auto may pick it
             layout += f",patches={args.get('num_pipeline_patch', 2)},warmup={args.get('warmup_steps', 1)}"
+            layout += f",stages={args['stage_blocks']}" if args.get("stage_blocks") else ""
         key = f"{source}|{dtype}|{args.get('attention_kernel') or 'default'}|{layout}|compile={bool(args.get('compile'))}"
         if key not in self.models:
             compute, fp8 = WEIGHT_STORAGE[dtype]
@@ -217,14 +221,18 @@ class WorkerState:
             mesh, stage = self._mesh(parallel), None
             if pipefusion:  # this rank reads only its stage's blocks
                 try:
+                    stage_blocks = args.get("stage_blocks")  # blocks per stage, else balanced by parameters
                     options = PipeFusionOptions(num_pipeline_patch=int(args.get("num_pipeline_patch", 2)),
-                                                warmup_steps=int(args.get("warmup_steps", 1)))
+                                                warmup_steps=int(args.get("warmup_steps", 1)),
+                                                stage_blocks=tuple(int(n) for n in stage_blocks) if stage_blocks
+                                                else None)
                     options.validate(parallel.pipefusion_degree, config["num_layers"] + config["num_single_layers"])
                 except ValueError as e:
                     raise RequestError(str(e)) from e
-                stage = flux_stage_bounds(config, parallel.pipefusion_degree, options.stage_blocks)[mesh.rank("pp")]
+                bounds = flux_stage_bounds(config, parallel.pipefusion_degree, options.stage_blocks)
+                stage = bounds[mesh.rank("pp")]
             if self.device.type == "cuda":
-                self._check_memory(config, parallel, dtype)
+                self._check_memory(config, parallel, dtype, bounds if pipefusion else None)
             if info is None:
                 transformer = random_flux(config, seed=0, dtype=compute, device=self.device, fp8=fp8, stage=stage)
             else:
@@ -254,11 +262,12 @@ class WorkerState:
         fullest = min(range(self.world_size), key=lambda r: int(free[r]))
         return int(free[fullest]), self.ranks[fullest]["device"]
 
-    def _check_memory(self, config: dict, parallel: ParallelConfig, dtype: str) -> None:
+    def _check_memory(self, config: dict, parallel: ParallelConfig, dtype: str, stage_bounds=None) -> None:
         """Refuse, before any weight is read, a layout that does not fit the GPU with the least free memory
         (weights plus the activations of one 1024x1024 image)."""
         try:
-            check_flux_memory(config, parallel, dtype, *self._fullest_gpu(), image_size=(1024, 1024))
+            check_flux_memory(config, parallel, dtype, *self._fullest_gpu(), image_size=(1024, 1024),
+                              stage_bounds=stage_bounds)
         except NotEnoughMemory as e:
             loaded = f" ({len(self.models)} other model(s) loaded: unload them to free memory)" if self.models else ""
             raise RequestError(str(e) + loaded, kind="memory") from e

@@ -55,3 +55,21 @@ def test_fp8_through_the_pool(pool2, checkpoint, reference, parallel, extra):
 def test_fp8_is_refused_for_the_vae(pool2, checkpoint):
     with pytest.raises(RequestFailed, match=r"dtype must be one of \['bf16', 'fp16', 'fp32'\]"):
         pool2.request("load_model", {"kind": "vae", "path": checkpoint, "dtype": "fp8_e4m3fn"})
+
+
+def test_explicit_stage_split_through_the_pool(pool2, checkpoint):
+    """stage_blocks puts 1 of the 6 blocks on the first stage and 5 on the second; synchronous steps: exact."""
+    load = {"path": checkpoint, "dtype": "fp32", "parallel": {"pipefusion_degree": 2}, "warmup_steps": STEPS}
+    args, _ = pool2.request("load_model", {**load, "stage_blocks": [1, 5]})
+    assert "stages=[1, 5]" in args["model_key"]
+    _, out = pool2.request("sample", {"model_key": args["model_key"], "seed": 4, "steps": STEPS}, _inputs())
+    inp = _inputs()
+    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"], inp["latent"],
+                       seed=4, steps=STEPS)
+    assert rel_err(out["samples"], reference) <= 1e-4
+    with pytest.raises(RequestFailed, match=r"stage_blocks \(3, 2\) must give each of the 2 stages at least one "
+                                            r"block and add up to the model's 6 blocks"):
+        pool2.request("load_model", {**load, "stage_blocks": [3, 2]})
+    with pytest.raises(RequestFailed, match="stage_blocks must be a list of block counts"):
+        pool2.request("load_model", {**load, "stage_blocks": 6})
+    assert pool2.alive
