@@ -1,6 +1,7 @@
 """Try the pack in a real, running ComfyUI without downloading weights.
 
     python scripts/try_in_comfyui.py --comfyui PATH/TO/ComfyUI [--url http://127.0.0.1:8188] [--gpus 2]
+                                     [--strategy manual --set pipefusion_degree=2 --set warmup_steps=6]
 
 Run it with ComfyUI's Python (it needs transformers, which ComfyUI requires). It writes small
 random-weight models into ComfyUI's models folders (a Flux-shaped transformer whose text
@@ -56,7 +57,7 @@ def write_models(comfyui: str) -> None:
               os.path.join(models, "text_encoders", "xdit_random_clip_l.safetensors"))
 
 
-def workflow(gpus: int) -> dict:
+def workflow(gpus: int, strategy: str = "auto", loader_inputs: dict | None = None) -> dict:
     def node(cls, **inputs):
         return {"class_type": cls, "inputs": inputs}
 
@@ -65,7 +66,7 @@ def workflow(gpus: int) -> dict:
         "2": node("CLIPTextEncode", text="a lighthouse on a cliff", clip=["1", 0]),
         "3": node("FluxGuidance", guidance=3.5, conditioning=["2", 0]),
         "4": node("XDiTModelLoader", unet_name="xdit_tiny_flux.safetensors", weight_dtype="fp32", gpus=gpus,
-                  strategy="auto"),
+                  strategy=strategy, **(loader_inputs or {})),
         "5": node("EmptySD3LatentImage", width=256, height=192, batch_size=1),
         "6": node("XDiTSampler", model=["4", 0], positive=["3", 0], negative=["2", 0], latent_image=["5", 0],
                   seed=7, steps=6, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
@@ -84,10 +85,14 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8188")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="INPUT=INT",
+                        help="an optional loader input, e.g. pipefusion_degree=2 (repeatable)")
     args = parser.parse_args()
+    loader_inputs = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
     if not args.skip_models:
         write_models(args.comfyui)
-    body = json.dumps({"prompt": workflow(args.gpus), "client_id": "xdit-try"}).encode()
+    body = json.dumps({"prompt": workflow(args.gpus, args.strategy, loader_inputs), "client_id": "xdit-try"}).encode()
     request = urllib.request.Request(args.url + "/prompt", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as r:
         prompt_id = json.load(r)["prompt_id"]
