@@ -166,6 +166,10 @@ class XDiTModelLoader:
                                          "tooltip": "pipefusion: synchronous steps first; from then on patches "
                                                     "see one-step-old K/V of the others. As many as steps: "
                                                     "exact, no pipelining."}),
+                "compile": ("BOOLEAN", {"default": False, "advanced": True,
+                                        "tooltip": "torch.compile each transformer block: the first run takes "
+                                                   "a minute or more longer, later runs are faster (FLUX.1-dev, "
+                                                   "2x H200, 1024 px: 2.3 s compiled vs 3.4 s)."}),
             },
         }
 
@@ -175,11 +179,12 @@ class XDiTModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, unet_name, weight_dtype, gpus, strategy, ulysses_degree=1, ring_degree=1, cfg_degree=1,
-             dp_degree=1, gpu_ids="", pipefusion_degree=1, num_pipeline_patch=2, warmup_steps=1):
+             dp_degree=1, gpu_ids="", pipefusion_degree=1, num_pipeline_patch=2, warmup_steps=1, compile=False):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         parallel = _parallel(strategy, gpus, ulysses_degree, ring_degree, cfg_degree, dp_degree, pipefusion_degree)
         handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus, parallel=parallel, gpu_ids=_gpu_ids(gpu_ids),
-                             pipefusion=(("num_pipeline_patch", num_pipeline_patch), ("warmup_steps", warmup_steps)))
+                             pipefusion=(("num_pipeline_patch", num_pipeline_patch), ("warmup_steps", warmup_steps)),
+                             compile=bool(compile))
         _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
         return (handle,)
 

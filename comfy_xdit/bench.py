@@ -32,7 +32,8 @@ from .pool.controller import PoolOptions, RequestFailed, WorkerPool
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
               "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None,
-              "pipefusion": lambda n: {"pipefusion_degree": n}}
+              "pipefusion": lambda n: {"pipefusion_degree": n},
+              "pipefusion_ulysses": lambda n: {"pipefusion_degree": 2, "ulysses_degree": n // 2}}
 
 
 def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:

@@ -43,13 +43,14 @@ class ModelHandle:
     loras: tuple = ()                    # ((path, strength), ...) in application order
     gpu_ids: tuple = ()                  # which GPUs (cuda:i here), as many as `gpus`; empty = the first `gpus`
     pipefusion: tuple = ()               # (("num_pipeline_patch", n), ("warmup_steps", w)); empty = defaults
+    compile: bool = False                # torch.compile each transformer block in the workers
 
     def with_lora(self, path: str, strength: float) -> "ModelHandle":
         return replace(self, loras=self.loras + ((path, float(strength)),))
 
     def load_args(self) -> dict:
         return dict(path=self.path, dtype=self.dtype, parallel=dict(self.parallel) or None,
-                    attention_kernel=self.attention_kernel, **dict(self.pipefusion))
+                    attention_kernel=self.attention_kernel, compile=self.compile, **dict(self.pipefusion))
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,6 @@ class WorkerState:
             except NotEnoughMemory as e:
                 raise RequestError(str(e), kind="memory") from e
             pipefusion = parallel.pipefusion_degree > 1
-            _require(not (pipefusion and args.get("compile")), "compile is not available with pipefusion yet")
             mesh, stage = self._mesh(parallel), None
             if pipefusion:  # this rank reads only its stage's blocks
                 try:

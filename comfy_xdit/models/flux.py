@@ -118,11 +118,14 @@ class FluxModel:
         transformer, info = load_flux_transformer(path, dtype=dtype, device=device)
         return cls(transformer, mesh, attention_kernel, info)
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, backend: str = "inductor") -> None:
         """Regional torch.compile: each transformer block on its own (one graph per block type, reused
-        across the 57 blocks); the parallel attention call stays eager (see USPAttention.__call__)."""
+        across the 57 blocks). Ulysses attention is traced into the graph; Ring's loop and PipeFusion's
+        stale K/V stay eager between graphs (see USPAttention, StaleKVAttention). Dropped blocks
+        (Identity, on another PipeFusion stage) are left alone."""
         for block in list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks):
-            block.compile(fullgraph=False, dynamic=False)
+            if not isinstance(block, torch.nn.Identity):
+                block.compile(backend=backend, fullgraph=False, dynamic=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -37,6 +37,7 @@ class StaleKVAttention:
         self.layer = layer
         self.attend = attend
 
+    @torch.compiler.disable  # writes into the shared buffer: eager between a compiled block's graphs
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, replicated_text_len: int = 0):
         w = self.window
         if w.full:

@@ -159,3 +159,15 @@ def test_example_workflows_fit_the_nodes(pack):
                 assert set(node["inputs"]) <= set(inputs["required"]) | set(inputs.get("optional", {})), path
                 checked += 1
     assert checked >= 12
+
+
+def test_loader_passes_pipefusion_and_compile_options_to_the_workers(pack, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(pack.nodes.ENGINE, "load", lambda handle: loaded.append(handle) or {})
+    (handle,) = pack.NODE_CLASS_MAPPINGS["XDiTModelLoader"]().load(
+        "flux_a.safetensors", "fp8_e4m3fn", 2, "manual", pipefusion_degree=2, num_pipeline_patch=4, warmup_steps=3,
+        compile=True)
+    assert loaded == [handle]
+    args = handle.load_args()
+    assert args["parallel"]["pipefusion_degree"] == 2 and args["dtype"] == "fp8_e4m3fn"
+    assert (args["num_pipeline_patch"], args["warmup_steps"], args["compile"]) == (4, 3, True)
