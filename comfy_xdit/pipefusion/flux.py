@@ -13,13 +13,12 @@ import functools
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformer2DModel
 
+from ..models.flux_checkpoint import EMBEDDERS, HEAD, keep_stage
 from ..models.flux import PATCH, FluxModel, _all_gather_seq, _SequenceShardState, _USPFluxAttnProcessor
 from .pipeline import PipeFusionRunner, StageLink
 from .schedule import Patch, PipeFusionOptions, row_patches, shard_patches, stage_ranges
 from .stale_kv import PatchWindow, StaleKVAttention
 
-_EMBED = ("x_embedder", "context_embedder")  # first stage only
-_HEAD = ("norm_out", "proj_out")             # last stage only; time_text_embed stays on every stage (tiny)
 
 
 def _numel(module: torch.nn.Module | None) -> int:
@@ -34,8 +33,8 @@ def flux_block_costs(transformer: FluxTransformer2DModel) -> list[int]:
     """Parameters per block, the embedders counted on the first block and the head on the last
     (works on a meta-device model, so a loader can plan residency before reading weights)."""
     costs = [_numel(b) for b in flux_blocks(transformer)]
-    costs[0] += sum(_numel(getattr(transformer, n)) for n in _EMBED)
-    costs[-1] += sum(_numel(getattr(transformer, n)) for n in _HEAD)
+    costs[0] += sum(_numel(getattr(transformer, n)) for n in EMBEDDERS)
+    costs[-1] += sum(_numel(getattr(transformer, n)) for n in HEAD)
     return costs
 
 
@@ -53,10 +52,9 @@ class FluxStage:
     the last stage gathers the slices back into token order.
     """
 
-    def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, is_first: bool, is_last: bool,
-                 model: FluxModel | None = None):
+    def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, model: FluxModel | None = None):
         self.transformer = transformer
-        self.is_first, self.is_last = is_first, is_last
+        self.is_first, self.is_last = start == 0, stop == len(flux_blocks(transformer))
         self.mesh = model.mesh if model is not None else None
         self.sp_degree = self.mesh.sp_degree if self.mesh is not None else 1
         self.window = PatchWindow()
@@ -64,15 +62,7 @@ class FluxStage:
         self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.out_channels = transformer.out_channels * transformer.config.patch_size ** 2
         self.blocks = flux_blocks(transformer)[start:stop]
-        num_double = len(transformer.transformer_blocks)
-        for i in [i for i in range(len(flux_blocks(transformer))) if not start <= i < stop]:
-            # Identity keeps block indices stable for key mapping (LoRA) of the resident blocks
-            if i < num_double:
-                transformer.transformer_blocks[i] = torch.nn.Identity()
-            else:
-                transformer.single_transformer_blocks[i - num_double] = torch.nn.Identity()
-        for name in (() if is_first else _EMBED) + (() if is_last else _HEAD):
-            setattr(transformer, name, None)
+        keep_stage(transformer, start, stop)  # no-op on a stage-only load; time_text_embed stays (tiny)
         usp = model._shard_state.attention if self.sp_degree > 1 else None
         layers = [m for block in self.blocks for m in block.modules() if isinstance(m, FluxAttention)]
         for layer, attn in enumerate(layers):
@@ -167,8 +157,7 @@ class FluxPipeFusion:
             full = FluxTransformer2DModel.from_config(transformer.config)
         self.stage_bounds = stage_ranges(flux_block_costs(full), self.link.size, options.stage_blocks)
         start, stop = self.stage_bounds[self.link.rank]
-        self.stage = FluxStage(transformer, start, stop, self.link.rank == 0, self.link.rank == self.link.size - 1,
-                               model)
+        self.stage = FluxStage(transformer, start, stop, model)
 
     latent_format = FluxModel.latent_format
 
