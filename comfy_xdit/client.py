@@ -140,11 +140,10 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
                    extra_files: tuple = ()) -> int:
     """What one worker holds at the peak of a job, before the job has reported a measured peak.
 
-    load: the weights: the file's size, which is what a bf16 file takes in bf16 (a file stored narrower
-    than the compute dtype, fp8 upcast to bf16, is underestimated until the first run reports its peak);
-    every rank holds all of it except under PipeFusion, which splits it over its stages. extra_files
-    (ControlNets) are held whole on every rank.
-    sample: the weights plus ACTIVATIONS_PER_MEGAPIXEL per image of the latent `shape` (twice with cfg).
+    Flux models: memory.py's estimate from the file's header (see _flux_estimate). Where the header cannot
+    be read: load: the file's size, divided over PipeFusion stages; sample: that plus
+    ACTIVATIONS_PER_MEGAPIXEL per image of the latent `shape` (twice with cfg). extra_files (ControlNets)
+    are held whole on every rank.
     decode/encode: the VAE file plus estimate_decode_bytes for the usual VAE at `shape` (a latent; the
     encoder mirrors the decoder)."""
     if isinstance(handle, VaeHandle):
@@ -154,13 +153,39 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
         from .vae.parallel import estimate_decode_bytes  # diffusers: imported when the first VAE job comes
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(handle.dtype, torch.bfloat16)
         return weights + estimate_decode_bytes(_USUAL_VAE, shape, handle.gpus, dtype)
+    extra = sum(_file_size(p) for p in extra_files)
+    flux = _flux_estimate(handle, shape if kind != "load" else (), cfg)
+    if flux is not None:
+        return flux + extra
     stages = dict(handle.parallel).get("pipefusion_degree", 1)
-    weights = _file_size(handle.path) // stages + sum(_file_size(p) for p in extra_files)
+    weights = _file_size(handle.path) // stages + extra
     if kind == "load" or not shape:
         return weights
     batch, _, h, w = shape
     images = batch * h * w * 64 / 2 ** 20  # latent pixels are 8x8 image pixels
     return weights + int(ACTIVATIONS_PER_MEGAPIXEL * images * (2 if cfg else 1))
+
+
+def _flux_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None:
+    """memory.estimate_flux_memory for the handle from its file's header (no tensor read): the weights as the
+    handle stores them (fp8, PipeFusion stages) and, with a latent shape, the activations per image (twice
+    with cfg on one rank). "auto" is sized as sequence parallelism over all GPUs, the most it picks. None
+    where the header cannot be read or the layout is invalid: the file-size rule then, the load's own error
+    later."""
+    from .config import ParallelConfig
+    from .memory import estimate_flux_memory
+    from .models.flux_checkpoint import CheckpointError, read_flux_info
+
+    try:
+        config = read_flux_info(handle.path).config
+        parallel = (ParallelConfig(**dict(handle.parallel)) if handle.parallel else
+                    ParallelConfig.for_sequence_parallel(handle.gpus, config["num_attention_heads"]))
+        image = (shape[3] * 8, shape[2] * 8) if shape else None
+        estimate = max(estimate_flux_memory(config, parallel, handle.dtype, image), key=lambda e: e.total)
+    except (CheckpointError, ValueError, KeyError, TypeError):
+        return None
+    per_item = 2 if cfg and parallel.cfg_degree == 1 else 1
+    return estimate.weights + estimate.activations * (shape[0] if shape else 1) * per_item
 
 
 @dataclass
