@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from diffusers import FluxTransformer2DModel
 
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
@@ -19,7 +20,7 @@ from comfy_xdit.models.flux import FLUX_LATENT, FluxModel
 from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, flux_stage_bounds
 from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer, read_flux_info
 from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
-from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora
+from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora, model_shapes
 from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
 from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.flux import FluxPipeFusion
@@ -331,18 +332,30 @@ class WorkerState:
 
     def _apply_loras(self, key: str, loras: list) -> None:
         model = self.models[key]
-        _require(not loras or model.mesh.config.pipefusion_degree == 1, "LoRAs are not available with pipefusion yet")
+        if not loras and key not in self.mergers:
+            return
         parsed = []
         for path, strength in loras:
             lora_id = (os.path.abspath(path), os.path.getmtime(path))
             if lora_id not in self.loras:
-                shapes = {k: v.shape for k, v in model.transformer.state_dict().items()}
                 try:
-                    self.loras[lora_id] = load_flux_lora(path, shapes)
+                    self.loras[lora_id] = load_flux_lora(path, self._whole_shapes(key))
                 except (LoraError, CheckpointError) as e:  # same file, same verdict on every rank
                     raise RequestError(str(e)) from e
             parsed.append((lora_id, self.loras[lora_id], float(strength)))
-        self.mergers.setdefault(key, LoraMerger(model.transformer)).set_loras(parsed)
+        if key not in self.mergers:  # a PipeFusion stage merges the patches of its own blocks
+            elsewhere = frozenset(self._whole_shapes(key)) - frozenset(model_shapes(model.transformer))
+            self.mergers[key] = LoraMerger(model.transformer, elsewhere=elsewhere)
+        try:
+            self.mergers[key].set_loras(parsed)
+        except LoraError as e:  # same LoRAs, same verdict on every rank
+            raise RequestError(str(e)) from e
+
+    def _whole_shapes(self, key: str) -> dict:
+        """Parameter shapes of the whole transformer, also where this rank holds one PipeFusion stage of it:
+        a LoRA is checked against every block, wherever the block lives."""
+        with torch.device("meta"):
+            return model_shapes(FluxTransformer2DModel.from_config(self.models[key].transformer.config))
 
     def _control(self, model: FluxModel, control: dict, image: torch.Tensor, latent_shape: tuple) -> FluxControl:
         """A FluxControl from a request: ControlNet cached per file and dtype; InstantX/Union hints VAE-encoded here."""

@@ -258,8 +258,10 @@ class LoraMerger:
     weight = original + sum(strength * delta) in fp32 and writes it with copy_(), so nothing drifts and
     weights that are views into a fused tensor stay views. Backups are dropped when a weight is restored."""
 
-    def __init__(self, model):
+    def __init__(self, model, elsewhere: frozenset = frozenset()):
+        """elsewhere: parameter names held by other ranks (PipeFusion stages); their patches are skipped here."""
         self.model = model
+        self.elsewhere = elsewhere
         self._params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         self._backup: dict[str, torch.Tensor] = {}
         self._current: list | None = []
@@ -285,6 +287,8 @@ class LoraMerger:
                 raise LoraError(f"{lora_id}: strength must be a finite number, got {s}")
             for name, patch in (lora.items() if s else ()):
                 p = self._params.get(name)
+                if p is None and name in self.elsewhere:
+                    continue
                 shape = tuple(patch.up.shape) if patch.down is None else (patch.up.shape[0], patch.down.shape[1])
                 if p is None or shape != tuple(p.shape):
                     raise LoraError(f"{getattr(lora, 'path', lora_id)}: LoRA targets {name!r} with shape {shape}, "

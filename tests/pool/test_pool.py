@@ -290,9 +290,37 @@ def test_pipefusion_through_the_pool(pool2, checkpoint):
     reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"], inp["latent"],
                        seed=2, steps=4)
     assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4  # synchronous: exact
-    with pytest.raises(RequestFailed, match="LoRAs are not available with pipefusion yet"):
-        pool2.request("sample", {"model_key": args["model_key"], "seed": 2, "steps": 1,
-                                 "loras": [[checkpoint, 1.0]]}, _inputs(seed=2))
+
+
+def test_lora_with_pipefusion_patches_each_stages_blocks(pool2, checkpoint, tmp_path):
+    """A kohya LoRA on the first and the last block, so on both stages: through pp 2 it equals one process
+    with the LoRA merged, and strength 0 gives the base back."""
+    from safetensors.torch import save_file
+
+    from comfy_xdit.models.flux_lora import LoraMerger, load_flux_lora, model_shapes
+
+    base = FluxModel.load(checkpoint, dtype=torch.float32)
+    width = base.config["num_attention_heads"] * base.config["attention_head_dim"]
+    g = torch.Generator().manual_seed(9)
+    lora = {}
+    for name, (rows, cols) in (("double_blocks_0_img_attn_qkv", (3 * width, width)),
+                               ("single_blocks_1_linear2", (width, 5 * width))):
+        lora[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, cols, generator=g) * 0.3
+        lora[f"lora_unet_{name}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.3
+    path = str(tmp_path / "two_stages.safetensors")
+    save_file(lora, path)
+    args, _ = pool2.request("load_model", {"path": checkpoint, "dtype": "fp32", "parallel": {"pipefusion_degree": 2},
+                                           "num_pipeline_patch": 2, "warmup_steps": 3})
+    inp = _inputs(seed=5)
+    run = {"model_key": args["model_key"], "seed": 5, "steps": 3}
+    _, merged = pool2.request("sample", {**run, "loras": [[path, 1.0]]}, inp)
+    _, plain = pool2.request("sample", {**run, "loras": [[path, 0.0]]}, inp)
+    reference_base = sample(base, inp["context"], inp["pooled"], inp["latent"], seed=5, steps=3)
+    LoraMerger(base.transformer).set_loras([("k", load_flux_lora(path, model_shapes(base.transformer)), 1.0)])
+    reference = sample(base, inp["context"], inp["pooled"], inp["latent"], seed=5, steps=3)
+    assert float((reference - reference_base).norm() / reference_base.norm()) > 1e-2  # the LoRA matters
+    assert float((merged["samples"] - reference).norm() / reference.norm()) <= 1e-4
+    assert float((plain["samples"] - reference_base).norm() / reference_base.norm()) <= 1e-4
 
 
 def test_pipefusion_with_ulysses_inside_stages_through_a_4_rank_pool(checkpoint):
