@@ -139,8 +139,9 @@ class XDiTModelLoader:
                 "strategy": (list(STRATEGIES), {"default": "auto",
                                                 "tooltip": "auto: sequence parallel (Ulysses, then Ring) when "
                                                            "the model fits each GPU, else the fewest PipeFusion "
-                                                           "stages that fit, else fp8 weights. cfg_parallel: the negative prompt on half the "
-                                                           "GPUs. data_parallel: batch items spread over GPUs. "
+                                                           "stages that fit, else fp8 weights. cfg_parallel: "
+                                                           "the negative prompt on half the GPUs. "
+                                                           "data_parallel: batch items spread over GPUs. "
                                                            "pipefusion: blocks split over GPUs (less memory "
                                                            "per GPU; approximate after the first step). "
                                                            "manual: the degrees below."}),

@@ -1,8 +1,9 @@
 """PipeFusion on real gloo processes vs the serial sample() in this process.
 
-pp 2 and 4, pp 2 x ulysses 2, pp 2 x ring 2, cfg 2 x pp 2 and dp 2 x pp 2 on a tiny Flux (4 double + 4 single
-blocks), fp32, fresh random weights and inputs each run (TEST_SEED reproduces one). Synchronous steps must equal serial; patched steps with
-stale K/V must stay near it, and far below what a broken stale-K/V path gives.
+pp 2 and 4, pp 2 x ulysses 2, pp 2 x ring 2, cfg 2 x pp 2 and dp 2 x pp 2 on a tiny Flux (4 double + 4
+single blocks), fp32, fresh random weights and inputs each run (TEST_SEED reproduces one). Synchronous steps
+must equal serial; patched steps with stale K/V must stay near it, and far below what a broken stale-K/V
+path gives.
 """
 
 from __future__ import annotations
