@@ -422,7 +422,9 @@ class WorkerState:
         negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
         self._apply_loras(args["model_key"], args.get("loras") or [])
         if args.get("controls"):
-            _require(model.mesh.config.pipefusion_degree == 1, "ControlNets are not available with pipefusion yet")
+            _require(model.mesh.config.pipefusion_degree == 1 or model.mesh.sp_degree == 1,
+                     "ControlNets with pipefusion need ring_degree = ulysses_degree = 1 (pipefusion alone, "
+                     "or with cfg/data parallel)")
             model = ControlledFluxModel(model, [self._control(model, c, tensors[f"control_image_{i}"],
                                                               tuple(tensors["latent"].shape))
                                                 for i, c in enumerate(args["controls"])])

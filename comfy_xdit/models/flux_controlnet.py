@@ -376,15 +376,29 @@ class ControlledFluxModel:
             return inner
         fns = [r.prepare(context, latent_shape) for r in self.runners]
 
-        def inject(module, args, kwargs):  # runs on the (sharded) inputs of FluxModel's transformer call
+        def residuals(kwargs):
+            """(double, single) residual lists, one entry per transformer block, summed over the ControlNets;
+            None when none is active at this step."""
             found = [r for r in (fn(kwargs) for fn in fns) if r is not None]
-            if not found:
+            return (_sum(r[0] for r in found), _sum(r[1] for r in found)) if found else None
+
+        def inject(module, args, kwargs):  # runs on the (sharded) inputs of FluxModel's transformer call
+            found = residuals(kwargs)
+            if found is None:
                 return None
             # full-length lists: diffusers then adds residual i after block i
-            return args, dict(kwargs, controlnet_block_samples=_sum(r[0] for r in found),
-                              controlnet_single_block_samples=_sum(r[1] for r in found), controlnet_blocks_repeat=False)
+            return args, dict(kwargs, controlnet_block_samples=found[0], controlnet_single_block_samples=found[1],
+                              controlnet_blocks_repeat=False)
+
+        stage = getattr(self.model, "stage", None)  # a PipeFusion stage runs its blocks itself: it asks per step
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            if stage is not None:
+                stage.control = residuals
+                try:
+                    return inner(x, sigma)
+                finally:
+                    stage.control = None
             handle = self.model.transformer.register_forward_pre_hook(inject, with_kwargs=True)
             try:
                 return inner(x, sigma)

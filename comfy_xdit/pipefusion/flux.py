@@ -55,6 +55,10 @@ class FluxStage:
     def __init__(self, transformer: FluxTransformer2DModel, start: int, stop: int, model: FluxModel | None = None):
         self.transformer = transformer
         self.is_first, self.is_last = start == 0, stop == len(flux_blocks(transformer))
+        self.start, self.num_double = start, len(transformer.transformer_blocks)
+        # fn(transformer call kwargs) -> (double, single) residuals per block, or None; set by ControlledFluxModel
+        self.control = None
+        self.residuals = None
         self.mesh = model.mesh if model is not None else None
         self.sp_degree = self.mesh.sp_degree if self.mesh is not None else 1
         self.window = PatchWindow()
@@ -80,6 +84,9 @@ class FluxStage:
     def begin_step(self, hidden_states, encoder_hidden_states, pooled, timestep, img_ids, txt_ids, guidance=None):
         """FluxModel.forward's inputs; the same conditioning diffusers' forward computes, on every stage."""
         t, dtype = self.transformer, self.dtype
+        self.residuals = None if self.control is None else self.control(dict(
+            hidden_states=hidden_states, timestep=timestep, img_ids=img_ids, pooled_projections=pooled,
+            guidance=guidance))  # ControlNets run on the whole image, on every stage (each needs its blocks')
         timestep = timestep.to(dtype) * 1000
         self.temb = (t.time_text_embed(timestep, pooled) if guidance is None
                      else t.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled))
@@ -102,11 +109,16 @@ class FluxStage:
 
     def run(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
         text, image = h[:, :patch.text_len], h[:, patch.text_len:]
-        joint, _, _ = self._index(patch)
+        joint, _, image_index = self._index(patch)
         rope = tuple(r[joint] for r in self.rope)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks, start=self.start):
             text, image = block(hidden_states=image, encoder_hidden_states=text, temb=self.temb,
                                 image_rotary_emb=rope)
+            if self.residuals is not None:  # after block i, as diffusers adds a ControlNet's residual i
+                double, single = self.residuals
+                samples, j = (double, i) if i < self.num_double else (single, i - self.num_double)
+                if samples is not None:
+                    image = image + samples[j][:, image_index]
         return torch.cat([text, image], dim=1)
 
     def head(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.pipefusion import PipeFusionOptions
+from comfy_xdit.pipefusion.flux import FluxPipeFusion
 from comfy_xdit.models.flux_controlnet import (ControlledFluxModel, FluxControl, load_flux_controlnet,
                                                random_flux_controlnet, write_flux_controlnet)
 from comfy_xdit.sampling import sample
@@ -28,7 +30,13 @@ SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))  # TEST_SEED re
 LATENT_HW = (8, 12)  # 24 image tokens
 TEXT_LENS = (8, 7)   # transformer text splits / is replicated; with the Union mode token (9 / 8) the reverse
 STEPS = 3
-LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2)], 4: [dict(ulysses_degree=2, ring_degree=2)]}
+# PipeFusion 2 with 2 row patches: each stage adds its own blocks' residuals to its patches. Every step
+# synchronous: exact. One synchronous step, then stale K/V: measured 7.3e-4 .. 1.0e-3 over 3 seeds; adding
+# each patch the first tokens' residuals instead gave 0.30 .. 0.33, so STALE_TOL sits far from both.
+LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2), dict(pipefusion_degree=2, warmup_steps=STEPS),
+               dict(pipefusion_degree=2, warmup_steps=1)],
+           4: [dict(ulysses_degree=2, ring_degree=2)]}
+STALE_TOL = 4e-3
 
 
 def _key(layout: dict) -> str:
@@ -67,7 +75,10 @@ def _run(model: FluxModel, paths: dict, seed: int) -> dict:
 def _rank_main(rank: int, world_size: int, paths: dict, seed: int):
     results = {}
     for layout in LAYOUTS[world_size]:
-        model = FluxModel.load(paths["flux"], dtype=torch.float32, mesh=build_mesh(ParallelConfig(**layout), "cpu"))
+        degrees = {k: v for k, v in layout.items() if k.endswith("_degree")}
+        model = FluxModel.load(paths["flux"], dtype=torch.float32, mesh=build_mesh(ParallelConfig(**degrees), "cpu"))
+        if "warmup_steps" in layout:
+            model = FluxPipeFusion(model, PipeFusionOptions(num_pipeline_patch=2, warmup_steps=layout["warmup_steps"]))
         results.update({(_key(layout), *k): v for k, v in _run(model, paths, seed).items()})
     return results
 
@@ -112,7 +123,8 @@ def test_parallel_matches_single_process(parallel, reference, world_size, layout
         got = results[(layout, kind, text_len)]
         assert got.shape == expected.shape
         err = float((got - expected).norm() / expected.norm())
-        assert err <= TOL, f"seed {SEED}: rank {rank} {layout} {kind} text {text_len}: rel err {err:.2e}"
+        tol = STALE_TOL if layout.endswith("warmup1") and kind == "denoise" else TOL
+        assert err <= tol, f"seed {SEED}: rank {rank} {layout} {kind} text {text_len}: rel err {err:.2e}"
 
 
 def test_controlnets_change_the_reference(paths, reference):
