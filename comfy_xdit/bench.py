@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     if args.baseline and args.device != "cuda":
         p.error("--baseline needs CUDA")
     resolutions = [int(x) for x in args.px.split(",")]
+    args.weight_dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.vae:
         return bench_vae(args, resolutions)
     config = flux_config(args.preset)
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         try:
             for strategy in (args.strategies.split(",") if gpus > 1 else ["single"]):
                 for compiled in compiles:
-                    dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
+                    dtype = args.weight_dtype
                     load = dict(random_preset=args.preset, dtype=dtype, attention_kernel=args.kernel,
                                 parallel=STRATEGIES.get(strategy, lambda n: None)(gpus), compile=compiled,
                                 num_pipeline_patch=args.pipeline_patches, warmup_steps=args.warmup_steps)
@@ -205,7 +206,7 @@ def bench_vae(args, resolutions: list[int]) -> int:
 
     from .vae.loader import write_vae_checkpoint
 
-    dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dtype = args.weight_dtype
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = write_vae_checkpoint(AutoencoderKL(**FLUX_VAE).eval(), f"{tmp}/ae.safetensors")

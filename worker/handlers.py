@@ -30,8 +30,6 @@ from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FAULT_INJECTION_ENV = "CXD_ALLOW_FAULT_INJECTION"  # tests only: lets a request make one rank fail
-# GB each rank may use on its GPU ("16", or one value per rank "10.5,16"): emulates smaller cards on a large one
-MEMORY_CAP_ENV = "CXD_MEMORY_CAP_GB"
 
 
 class RequestError(Exception):
@@ -42,15 +40,9 @@ class RequestError(Exception):
         self.kind = kind
 
 
-def memory_cap_bytes(rank: int) -> int | None:
-    """This rank's cap from MEMORY_CAP_ENV ("16" for every rank, or "10.5,16" per rank), else None."""
-    caps = [float(x) for x in os.environ.get(MEMORY_CAP_ENV, "").split(",") if x.strip()]
-    return int((caps[rank] if len(caps) > 1 else caps[0]) * 1e9) if caps else None
-
-
 def device_free_bytes(device: torch.device) -> int:
     """What this process may still allocate on its GPU: the driver's free memory plus this process's
-    cached blocks, within its per-process cap (set from MEMORY_CAP_ENV at start-up)."""
+    cached blocks, within its per-process cap (worker/main.py sets it at start-up)."""
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cap = torch.cuda.get_per_process_memory_fraction(device) * total
