@@ -19,26 +19,26 @@ def _bhsd(*tensors: torch.Tensor):
     return [t.transpose(1, 2) for t in tensors]
 
 
-def _cpu(q, k, v, scale):
+def _cpu(q, k, v, scale, need_lse):
     # TORCH_MATH in yunchang returns a zero LSE on CPU; this op returns the real one.
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
     return out, lse
 
 
-def _cudnn(q, k, v, scale):
+def _cudnn(q, k, v, scale, need_lse):
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+        q, k, v, None, need_lse, 0.0, False, False, scale=scale)[:2]
     return out, lse
 
 
-def _flash(q, k, v, scale):
+def _flash(q, k, v, scale, need_lse):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
     return out, lse
 
 
-def _efficient(q, k, v, scale):
+def _efficient(q, k, v, scale, need_lse):
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        q, k, v, None, need_lse, 0.0, False, scale=scale)[:2]
     return out, lse
 
 
@@ -48,15 +48,18 @@ _HALF_ONLY = {"cudnn", "flash"}
 
 
 def get_kernel(name: str) -> Kernel:
-    """A yunchang-compatible ring-step kernel: fn(q, k, v, softmax_scale=..., **ignored) -> (out, lse)."""
+    """A yunchang-compatible ring-step kernel: fn(q, k, v, softmax_scale=..., **ignored) -> (out, lse).
+    need_lse=False (Ulysses alone, no merge) lets cuDNN and the efficient kernel skip it; lse is then None."""
     if name not in _IMPLS:
         raise ValueError(f"unknown attention kernel {name!r}; choose from {sorted(_IMPLS)}")
     impl = _IMPLS[name]
 
-    def kernel(q, k, v, softmax_scale=None, **_ignored):
+    def kernel(q, k, v, softmax_scale=None, need_lse=True, **_ignored):
         if name in _HALF_ONLY and q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention kernel {name!r} needs fp16 or bf16, got {q.dtype}; use 'efficient' for fp32")
-        out, lse = impl(*_bhsd(q, k, v), softmax_scale)
+        out, lse = impl(*_bhsd(q, k, v), softmax_scale, need_lse)
+        if not need_lse:
+            return out.transpose(1, 2), None
         if lse.dim() == 4:  # cuDNN returns [b, h, s, 1]
             lse = lse.squeeze(-1)
         # The efficient kernel pads the LSE to a multiple of 32 queries; the ring merge needs it exact.

@@ -120,7 +120,7 @@ class USPAttention:
         """Ulysses alone: all-to-all, one kernel call, all-to-all; no ring merge. Traceable, so a compiled
         block is one graph (the collectives are functional, the kernel an aten op)."""
         q, k, v = _qkv_all_to_all(q, k, v, self.ulysses_group)
-        out, _ = self.kernel(q, k, v, softmax_scale=softmax_scale)
+        out, _ = self.kernel(q, k, v, softmax_scale=softmax_scale, need_lse=False)  # no ring merge: no LSE
         return _out_all_to_all(out, self.ulysses_group)
 
     @torch.compiler.disable  # collectives and the ring loop stay eager inside compiled blocks
