@@ -29,6 +29,7 @@ import torch
 
 from .models.flux_random import PRESETS, flux_config
 from .pool.controller import PoolOptions, RequestFailed, WorkerPool
+from .pool.protocol import MEMORY_CAP_ENV
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
               "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None,
@@ -189,7 +190,7 @@ def _pool_options(args, gpus: int) -> PoolOptions:
     env = {}
     if args.memory_cap_gb:
         caps = [args.memory_cap_gb - (args.resident_gb if rank == 0 else 0.0) for rank in range(gpus)]
-        env["CXD_MEMORY_CAP_GB"] = ",".join(f"{c:.3f}" for c in caps)
+        env[MEMORY_CAP_ENV] = ",".join(f"{c:.3f}" for c in caps)
     return PoolOptions(nproc=gpus, device=args.device, start_timeout=600, env=env)
 
 

@@ -21,14 +21,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comfy_xdit.pool.protocol import REQUEST_TYPES, Channel, ProtocolError, accept, listen
+from comfy_xdit.pool.protocol import MEMORY_CAP_ENV, REQUEST_TYPES, Channel, ProtocolError, accept, listen
 
 from .handlers import RequestError, WorkerState
 
 ENV_DIR, ENV_SECRET, ENV_POOL_ID = "CXD_POOL_DIR", "CXD_POOL_SECRET", "CXD_POOL_ID"
 ENV_DEVICE, ENV_CONTROLLER_PID = "CXD_DEVICE", "CXD_CONTROLLER_PID"
-# GB each rank may use on its GPU ("16", or one value per rank "10.5,16"): emulates smaller cards on a large one
-ENV_MEMORY_CAP = "CXD_MEMORY_CAP_GB"
 IDLE_TIMEOUT = timedelta(days=30)  # followers wait in a broadcast between requests, for hours
 
 
@@ -172,7 +170,7 @@ def _follow(state: WorkerState, relay: _Relay) -> None:
 
 
 def _cap_memory(device: torch.device, rank: int) -> None:
-    caps = [float(x) for x in os.environ.get(ENV_MEMORY_CAP, "").split(",") if x.strip()]
+    caps = [float(x) for x in os.environ.get(MEMORY_CAP_ENV, "").split(",") if x.strip()]
     if caps:
         cap = (caps[rank] if len(caps) > 1 else caps[0]) * 1e9
         total = torch.cuda.get_device_properties(device).total_memory

@@ -36,6 +36,9 @@ class ProtocolError(Exception):
 
 REQUEST_TYPES = {"load_model", "unload_model", "apply_lora", "sample", "decode", "encode", "status", "cancel", "shutdown"}
 REPLY_TYPES = {"ready", "ok", "error", "progress"}
+# GB each rank may use on its GPU ("16", or one value per rank "10.5,16"), set in the workers'
+# environment: emulates smaller cards on a large one (the bench's --memory-cap-gb)
+MEMORY_CAP_ENV = "CXD_MEMORY_CAP_GB"
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_TENSORS = 64
 MAX_NDIM = 8
