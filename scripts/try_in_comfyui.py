@@ -1,7 +1,7 @@
 """Try the pack in a real, running ComfyUI without downloading weights.
 
     python scripts/try_in_comfyui.py --comfyui PATH/TO/ComfyUI [--url http://127.0.0.1:8188] [--gpus 2]
-                                     [--strategy manual --set pipefusion_degree=2 --set warmup_steps=6]
+                                     [--strategy manual --set pipefusion_degree=2 --set warmup_steps=6] [--set compile=true]
 
 Run it with ComfyUI's Python (it needs transformers, which ComfyUI requires). It writes small
 random-weight models into ComfyUI's models folders (a Flux-shaped transformer whose text
@@ -23,6 +23,13 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def _value(text: str):
+    """A loader input from the command line: true/false for BOOLEAN inputs, else an INT."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text)
 
 
 def write_models(comfyui: str) -> None:
@@ -86,10 +93,10 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--set", action="append", default=[], metavar="INPUT=INT",
-                        help="an optional loader input, e.g. pipefusion_degree=2 (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="INPUT=VALUE",
+                        help="an optional loader input, e.g. pipefusion_degree=2 or compile=true (repeatable)")
     args = parser.parse_args()
-    loader_inputs = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
+    loader_inputs = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     if not args.skip_models:
         write_models(args.comfyui)
     body = json.dumps({"prompt": workflow(args.gpus, args.strategy, loader_inputs), "client_id": "xdit-try"}).encode()
