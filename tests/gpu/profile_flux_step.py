@@ -20,27 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-
 import torch  # noqa: E402
 
 from comfy_xdit.config import ParallelConfig  # noqa: E402
 from comfy_xdit.mesh import build_mesh  # noqa: E402
-from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents  # noqa: E402
+from comfy_xdit.models.flux import FluxModel  # noqa: E402
 from comfy_xdit.models.flux_random import flux_config, random_flux  # noqa: E402
 from comfy_xdit.spmd import run_spmd  # noqa: E402
-
-
-def _inputs(cfg, px, device, dtype, text_len=512):
-    g = torch.Generator().manual_seed(11)
-    h = w = px // 8
-    return (pack_latents(torch.randn(1, 16, h, w, generator=g)).to(device, dtype),
-            torch.randn(1, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-            torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
-            torch.full((1,), 0.7, device=device), image_ids(h, w).to(device, dtype),
-            torch.zeros(text_len, 3, device=device, dtype=dtype), torch.full((1,), 3.5, device=device))
+from tests.gpu.check_usp_cuda import _time_forward, _timing_inputs  # noqa: E402  (also turns NVLink multicast off)
 
 
 def _rank(rank, world_size, px, out_dir):
@@ -48,26 +35,17 @@ def _rank(rank, world_size, px, out_dir):
     device = torch.device("cuda", rank)
     cfg = flux_config("flux-dev")
     transformer = random_flux(cfg, seed=0, dtype=torch.bfloat16, device=device)
-    args = _inputs(cfg, px, device, torch.bfloat16)
+    inputs = _timing_inputs(cfg, (px // 8, px // 8), 512, device, torch.bfloat16)
     model = FluxModel(transformer, build_mesh(ParallelConfig(ulysses_degree=world_size), device))
     model.compile_blocks()
-    times = []
-    with torch.inference_mode():
-        for i in range(13):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model.forward(*args)
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end))
-        if out_dir:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(2):
-                    model.forward(*args)
-                torch.cuda.synchronize()
-            prof.export_chrome_trace(os.path.join(out_dir, f"profile_rank{rank}.json"))
+    times = _time_forward(model, inputs, device, warmup=3, iters=10)
+    if out_dir:
+        from torch.profiler import ProfilerActivity, profile
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                model.forward(**inputs)
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(os.path.join(out_dir, f"profile_rank{rank}.json"))
     result = dict(rank=rank, px=px, median_ms=round(statistics.median(times), 2), min_ms=round(min(times), 2))
     print(json.dumps(result), flush=True)
     return result
