@@ -82,7 +82,7 @@ def _parts(key: tuple) -> _Parts:
 
 
 def flux_stage_bounds(config: dict, num_stages: int, stage_blocks: tuple | None = None) -> list[tuple[int, int]]:
-    """PipeFusion block ranges per stage from the config alone: the bounds FluxPipeFusion computes."""
+    """PipeFusion block ranges per stage from the config alone: FluxPipeFusion runs on these."""
     return stage_ranges(list(_parts(_key(config)).costs), num_stages, stage_blocks)
 
 

@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTr
 from ..models.flux_checkpoint import EMBEDDERS, HEAD, keep_stage
 from ..models.flux import PATCH, FluxModel, _all_gather_seq, _SequenceShardState, _USPFluxAttnProcessor
 from .pipeline import PipeFusionRunner, StageLink
-from .schedule import Patch, PipeFusionOptions, row_patches, shard_patches, stage_ranges
+from .schedule import Patch, PipeFusionOptions, row_patches, shard_patches
 from .stale_kv import PatchWindow, StaleKVAttention
 
 
@@ -165,9 +165,10 @@ class FluxPipeFusion:
         self.link = StageLink(mesh.group("pp"))
         transformer = model.transformer
         options.validate(self.link.size, len(flux_blocks(transformer)))
-        with torch.device("meta"):  # costs from the config: a stage-only load holds just its own blocks
-            full = FluxTransformer2DModel.from_config(transformer.config)
-        self.stage_bounds = stage_ranges(flux_block_costs(full), self.link.size, options.stage_blocks)
+        from ..memory import flux_stage_bounds  # here: memory imports this module
+
+        # from the config (a stage-only load holds just its own blocks); the bounds the memory check planned
+        self.stage_bounds = flux_stage_bounds(dict(transformer.config), self.link.size, options.stage_blocks)
         start, stop = self.stage_bounds[self.link.rank]
         self.stage = FluxStage(transformer, start, stop, model)
 
