@@ -69,6 +69,18 @@ def _run(fn, *args, **kwargs):
         raise RuntimeError(f"xDiT worker pool: {e}") from e
 
 
+def _progress(total: int):
+    """on_progress for a request: ComfyUI's progress bar on the running node, and its interrupt (which makes
+    the pool cancel the request)."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_progress(args, _preview):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(args["step"], args["total"])
+
+    return on_progress
+
+
 def _gpu_ids(text: str) -> tuple[int, ...]:
     """The loaders' gpu_ids ("0,1"; empty = the first GPUs); the engine checks them against the machine."""
     try:
@@ -186,7 +198,7 @@ class XDiTModelLoader:
         handle = ModelHandle(path=path, dtype=weight_dtype, gpus=gpus, parallel=parallel, gpu_ids=_gpu_ids(gpu_ids),
                              pipefusion=(("num_pipeline_patch", num_pipeline_patch), ("warmup_steps", warmup_steps)),
                              compile=bool(compile))
-        _run(ENGINE.load, handle)  # load now, so a bad file fails at this node
+        _run(ENGINE.load, handle, on_progress=_progress(100))  # load now, so a bad file fails at this node
         return (handle,)
 
 
@@ -237,17 +249,11 @@ class XDiTSampler:
         samples = latent_image["samples"]
         if samples.shape[1] == 4 and not samples.any():  # an all-zero SD latent: widen, as ComfyUI does
             samples = torch.zeros(samples.shape[0], 16, *samples.shape[2:])
-        progress = comfy.utils.ProgressBar(steps)
         cancel = threading.Event()
-
-        def on_progress(args, _preview):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(args["step"], args["total"])
-
         out = _run(ENGINE.sample, model, _conditioning(positive, "positive"),
                    _conditioning(negative, "negative") if cfg != 1.0 else None, samples, seed, steps, cfg,
                    sampler_name, scheduler, denoise, latent_image.get("noise_mask"), latent_image.get("batch_index"),
-                   on_progress=on_progress, cancel=cancel)
+                   on_progress=_progress(steps), cancel=cancel)
         result = latent_image.copy()
         result["samples"] = out
         return (result,)

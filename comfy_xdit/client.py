@@ -248,12 +248,14 @@ class Engine:
         if reply.get("peak_memory"):  # CUDA pools only; rank i runs on the pool's i-th GPU
             self._peaks[job] = dict(zip(self._devices, reply["peak_memory"]))
 
-    def load(self, handle: ModelHandle | VaeHandle) -> dict:
+    def load(self, handle: ModelHandle | VaeHandle, on_progress: Callable | None = None) -> dict:
+        """Load into the workers; on_progress(dict(step=percent, total=100, elapsed), None) while a file is read."""
         self._prepare(("load", handle), handle, lambda: estimate_bytes("load", handle))
-        return self._load(handle)
+        return self._load(handle, on_progress)
 
-    def _load(self, handle: ModelHandle | VaeHandle) -> dict:
-        return self.pool(handle.gpus, handle.gpu_ids).request("load_model", handle.load_args())[0]
+    def _load(self, handle: ModelHandle | VaeHandle, on_progress: Callable | None = None) -> dict:
+        return self.pool(handle.gpus, handle.gpu_ids).request("load_model", handle.load_args(),
+                                                              on_progress=on_progress)[0]
 
     def sample(self, model: ModelHandle, positive: Conditioning, negative: Conditioning | None,
                latent: torch.Tensor, seed: int, steps: int, cfg: float = 1.0, sampler_name: str = "euler",

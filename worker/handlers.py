@@ -49,6 +49,21 @@ def device_free_bytes(device: torch.device) -> int:
     return max(0, int(min(free + torch.cuda.memory_reserved(device) - allocated, cap - allocated)))
 
 
+def _percent(progress):
+    """fn(done, total) -> progress(step=percent, total=100, elapsed) on each whole percent (a long load's bar)."""
+    if progress is None:
+        return None
+    start, last = time.time(), [-1]
+
+    def report(done: int, total: int) -> None:
+        pct = done * 100 // total if total else 100
+        if pct != last[0]:
+            last[0] = pct
+            progress(dict(step=pct, total=100, elapsed=time.time() - start))
+
+    return report
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise RequestError(message)
@@ -159,7 +174,7 @@ class WorkerState:
         if kind == "status":
             return self.describe(refresh=True), {}
         if kind == "load_model":
-            return self._load_model(args), {}
+            return self._load_model(args, progress), {}
         if kind == "unload_model":
             return self._unload(args.get("model_key")), {}
         if kind not in ("sample", "decode", "encode"):
@@ -175,7 +190,7 @@ class WorkerState:
             self.meshes[config] = build_mesh(config, self.device)
         return self.meshes[config]
 
-    def _load_model(self, args: dict) -> dict:
+    def _load_model(self, args: dict, progress=None) -> dict:
         if args.get("kind") == "vae":
             return self._load_vae(args)
         dtype = args.get("dtype", "bf16")
@@ -230,7 +245,7 @@ class WorkerState:
             else:
                 try:
                     transformer, info = load_flux_transformer(args["path"], dtype=compute, device=self.device,
-                                                              fp8=fp8, stage=stage)
+                                                              fp8=fp8, stage=stage, progress=_percent(progress))
                 except CheckpointError as e:
                     raise RequestError(str(e)) from e
             model = FluxModel(transformer, mesh, args.get("attention_kernel"), info)

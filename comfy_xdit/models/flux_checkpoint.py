@@ -73,15 +73,26 @@ def _header(path) -> dict:
     return header
 
 
-def _read(path, keys, dtype=None, device=None) -> dict:
-    """Tensors by key; dtype is one dtype for all or a dict key -> dtype (a stored dtype is kept as stored)."""
+def _read(path, keys, dtype=None, device=None, progress=None) -> dict:
+    """Tensors by key; dtype is one dtype for all or a dict key -> dtype (a stored dtype is kept as stored).
+    progress(bytes read, bytes to read), if given, after each tensor."""
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             names = list(f.keys()) if keys is None else list(keys)
             to = dtype if isinstance(dtype, dict) else dict.fromkeys(names, dtype)
-            # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
-            # because get_tensor may return views of the file mapping, which change or fault if the file does.
-            return {k: f.get_tensor(k).to(device=device, dtype=to[k], copy=True) for k in names}
+            if progress is not None:
+                header = _header(path)
+                sizes = [header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names]
+                total, done = sum(sizes), 0
+            out = {}
+            for i, k in enumerate(names):
+                # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
+                # because get_tensor may return views of the file mapping, which change or fault if the file does.
+                out[k] = f.get_tensor(k).to(device=device, dtype=to[k], copy=True)
+                if progress is not None:
+                    done += sizes[i]
+                    progress(done, total)
+            return out
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError plus OS/key errors
@@ -348,13 +359,14 @@ def _inspect(path):
     return info, keys, shapes
 
 
-def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = False, stage=None):
+def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = False, stage=None, progress=None):
     """Load a Flux.1 transformer file; returns (FluxTransformer2DModel in eval mode, FluxCheckpointInfo).
 
     fp8: the blocks' Linear weights are kept in float8_e4m3fn (as stored in an fp8 file, plain-cast from
     any other) and upcast to ``dtype`` per layer (models/fp8.py); everything else is ``dtype``.
     stage: (start, stop), a block range in block order (double then single); only those blocks, plus the
-    embedders if start == 0 and the head if stop is the last block, are read (see keep_stage)."""
+    embedders if start == 0 and the head if stop is the last block, are read (see keep_stage).
+    progress(bytes read, bytes to read), if given, after each tensor read."""
     from diffusers import FluxTransformer2DModel
 
     path = os.fspath(path)
@@ -376,7 +388,7 @@ def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = 
         rules = [r for r in rules if r[1][0] in want]
         file_key = {_strip(k): k for k in keys}
         sd = _read(path, [file_key[b] for b, _, _ in rules], device=device,
-                   dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules})
+                   dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules}, progress=progress)
         sd = _apply_rules({_strip(k): v for k, v in sd.items()}, rules, config)
     except CheckpointError as e:
         if str(e).startswith(path):

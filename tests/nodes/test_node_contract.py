@@ -163,7 +163,7 @@ def test_example_workflows_fit_the_nodes(pack):
 
 def test_loader_passes_pipefusion_and_compile_options_to_the_workers(pack, monkeypatch):
     loaded = []
-    monkeypatch.setattr(pack.nodes.ENGINE, "load", lambda handle: loaded.append(handle) or {})
+    monkeypatch.setattr(pack.nodes.ENGINE, "load", lambda handle, on_progress=None: loaded.append(handle) or {})
     (handle,) = pack.NODE_CLASS_MAPPINGS["XDiTModelLoader"]().load(
         "flux_a.safetensors", "fp8_e4m3fn", 2, "manual", pipefusion_degree=2, num_pipeline_patch=4, warmup_steps=3,
         compile=True)

@@ -79,6 +79,15 @@ def _run(pack, gpus, lora_strength=None, latent=None, seed=3):
     return out
 
 
+def test_loader_shows_the_file_being_read(env):
+    pack, state, _, _ = env
+    state.progress.clear()
+    pack.NODE_CLASS_MAPPINGS["XDiTModelLoader"]().load("flux_tiny.safetensors", "fp16", 1, "auto")  # a fresh load
+    assert state.progress and state.progress[-1] == (100, 100)
+    steps = [step for step, total in state.progress]
+    assert steps == sorted(set(steps)) and all(total == 100 for _, total in state.progress)
+
+
 def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
     pack, state, models, _ = env
     nodes = pack.NODE_CLASS_MAPPINGS

@@ -215,3 +215,19 @@ def test_missing_and_extra_keys(tmp_path, dev):
     bfl["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(())
     save_file(bfl, str(tmp_path / "extra.safetensors"))
     _expect_error(tmp_path / "extra.safetensors", "unexpected", "scale_weight")
+
+
+def test_load_reports_the_bytes_it_reads(tmp_path, dev):
+    path = tmp_path / "comfy.safetensors"
+    write_flux_checkpoint(dev, path, layout="comfy")
+    sd = read_state_dict(path)
+    sd["first_stage_model.extra"] = torch.zeros(1000)  # not the transformer's: never read, never counted
+    save_file(sd, str(path))
+    calls = []
+    load_flux_transformer(path, dtype=torch.float32, progress=lambda done, total: calls.append((done, total)))
+    total = sum(v.numel() * v.element_size() for v in dev.state_dict().values())
+    assert len(calls) == len(sd) - 1 and calls[-1] == (total, total)  # one call per transformer tensor in the file
+    assert all(a[0] < b[0] and a[1] == b[1] == total for a, b in zip(calls, calls[1:]))
+    stage = []
+    load_flux_transformer(path, dtype=torch.float32, stage=(0, 1), progress=lambda done, total: stage.append(total))
+    assert 0 < stage[-1] < total  # a PipeFusion stage reads only its blocks
