@@ -97,20 +97,27 @@ def test_stopped_and_failed_pools():
     assert pool.requests == []  # a dead pool is not asked (asking would restart it)
 
 
-def test_busy_pool_answers_at_once_with_the_last_description_and_live_progress():
-    pool = FakePool()
-    engine, tracker = _engine(pool), ActivityTracker()
-    status_payload(engine, tracker)  # idle: remembered
+def _hold_pool(pool):
+    """A thread holding the pool as a running request does, for its whole length, until the returned event is
+    set; returns (that event, the thread) once it holds it."""
     holding, release = threading.Event(), threading.Event()
 
-    def sampling():  # what a running request does: holds the pool for its whole length
+    def request():
         with pool._lock:
             holding.set()
             release.wait(10)
 
-    thread = threading.Thread(target=sampling)
+    thread = threading.Thread(target=request)
     thread.start()
     holding.wait(5)
+    return release, thread
+
+
+def test_busy_pool_answers_at_once_with_the_last_description_and_live_progress():
+    pool = FakePool()
+    engine, tracker = _engine(pool), ActivityTracker()
+    status_payload(engine, tracker)  # idle: remembered
+    release, thread = _hold_pool(pool)
     tracker.begin("sample", model=MODEL_PATH, ranks=2, total=20)
     tracker.step(5, 20, elapsed=2.5)
     try:
@@ -163,16 +170,7 @@ def test_stop_cancels_the_running_request_and_shuts_the_pool_down():
 def test_stop_answers_202_when_the_request_does_not_end_in_time():
     pool = FakePool()
     engine = _engine(pool)
-    holding, release = threading.Event(), threading.Event()
-
-    def decoding():  # no cancel event: a decode runs to its end
-        with pool._lock:
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=decoding)
-    thread.start()
-    holding.wait(5)
+    release, thread = _hold_pool(pool)  # a decode: no cancel event, it runs to its end
 
     async def steps(client):
         resp = await client.post("/xdit/stop")
@@ -213,16 +211,7 @@ def test_unload_asks_the_pool_and_answers_file_names():
 def test_unload_while_busy_is_409_and_without_a_pool_unloads_nothing():
     pool = FakePool()
     engine = _engine(pool)
-    holding, release = threading.Event(), threading.Event()
-
-    def sampling():
-        with pool._lock:
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=sampling)
-    thread.start()
-    holding.wait(5)
+    release, thread = _hold_pool(pool)
 
     async def steps(client):
         resp = await client.post("/xdit/unload")
