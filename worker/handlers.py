@@ -305,11 +305,9 @@ class WorkerState:
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
                 if self.device.type == "cuda":  # the smallest free memory of any rank, so all ranks agree
-                    free = torch.tensor([device_free_bytes(self.device)], dtype=torch.int64)
-                    dist.all_reduce(free, op=dist.ReduceOp.MIN, group=self.control)
                     try:
                         check_decode_fits(info.config, tuple(samples.shape), self.world_size,
-                                          next(vae.parameters()).dtype, int(free), "the fullest GPU")
+                                          next(vae.parameters()).dtype, *self._fullest_gpu())
                     except MemoryError as e:
                         raise RequestError(str(e), kind="memory") from e
                 if samples.shape[2] >= self.world_size:
