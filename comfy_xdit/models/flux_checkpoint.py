@@ -8,26 +8,18 @@ shapes only, so reduced or non-standard widths load as well as FLUX.1-dev/schnel
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-
+from .checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
+                         key_sample, meta_shapes, num_blocks, read_header, read_state_dict, read_tensors,
+                         stored_dtypes, with_path)
 from .fp8 import FP8, to_fp8
 
-PREFIX = "model.diffusion_model."
+PREFIX = COMFY_PREFIX
 _LIN = ("weight", "bias")
-# safetensors dtype tags -> torch dtype names, for FluxCheckpointInfo.stored_dtypes
-_ST_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BF16": "bfloat16", "F16": "float16",
-              "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a Flux.1 transformer; the message names the file."""
+FLUX_EXPECTED = "a Flux.1 transformer checkpoint"
 
 
 @dataclass
@@ -39,94 +31,8 @@ class FluxCheckpointInfo:
     stored_dtypes: set = field(default_factory=set)
 
 
-def _unreadable(path, why):
-    return CheckpointError(
-        f"{path}: not a readable safetensors file ({why}); expected a Flux.1 transformer checkpoint (.safetensors)")
-
-
-def _header(path) -> dict:
-    """Parse and validate the safetensors header, so truncation gets a clear message before any read."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise _unreadable(path, f"header is corrupt: header length {n} exceeds file size {size}")
-            header = json.loads(f.read(n))
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise _unreadable(path, f"cannot open: {e.strerror or e}") from e
-    except ValueError as e:  # JSON and UTF-8 decoding errors
-        raise _unreadable(path, f"header is corrupt: {e}") from e
-    if not isinstance(header, dict):
-        raise _unreadable(path, "header is corrupt: not a JSON object")
-    header.pop("__metadata__", None)
-    if not all(isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys() for v in header.values()):
-        raise _unreadable(path, "header is corrupt: tensor entry without dtype/shape/data_offsets")
-    try:
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError) as e:
-        raise _unreadable(path, f"header is corrupt: bad tensor entry ({e})") from e
-    if 8 + n + end > size:
-        raise _unreadable(path, f"file is truncated: tensor data needs {8 + n + end} bytes, file has {size}")
-    return header
-
-
-def _read(path, keys, dtype=None, device=None, progress=None) -> dict:
-    """Tensors by key; dtype is one dtype for all or a dict key -> dtype (a stored dtype is kept as stored).
-    progress(bytes read, bytes to read), if given, after each tensor."""
-    try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            names = list(f.keys()) if keys is None else list(keys)
-            to = dtype if isinstance(dtype, dict) else dict.fromkeys(names, dtype)
-            if progress is not None:
-                header = _header(path)
-                sizes = [header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names]
-                total, done = sum(sizes), 0
-            out = {}
-            for i, k in enumerate(names):
-                # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
-                # because get_tensor may return views of the file mapping, which change or fault if the file does.
-                out[k] = f.get_tensor(k).to(device=device, dtype=to[k], copy=True)
-                if progress is not None:
-                    done += sizes[i]
-                    progress(done, total)
-            return out
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError plus OS/key errors
-        raise _unreadable(path, f"{type(e).__name__}: {e}") from e
-
-
-def read_state_dict(path, keys=None) -> dict:
-    """Read all tensors (or only ``keys``) as stored; any failure becomes CheckpointError."""
-    path = os.fspath(path)
-    _header(path)
-    return _read(path, keys)
-
-
 def _strip(k: str) -> str:
     return k[len(PREFIX):] if k.startswith(PREFIX) else k
-
-
-def _guess_family(keys) -> str:
-    hints = [(("input_blocks.", "middle_block.", "conditioner.", "label_emb."), "an SD/SDXL UNet"),
-             (("joint_blocks.",), "an SD3 MMDiT"),
-             (("encoder.conv_in", "decoder.", "first_stage_model.", "quant_conv"), "a VAE"),
-             (("text_model.", "encoder.block.", "shared.", "text_projection", "cond_stage_model."), "a text encoder")]
-    for prefixes, name in hints:
-        if any(k.startswith(prefixes) for k in keys):
-            return f"this looks like {name}"
-    return "is this an SD/SDXL UNet or a VAE/text encoder?"
-
-
-def key_sample(keys, n: int = 4) -> str:
-    """A few keys, one per top-level prefix, shortened: enough to recognise what a file holds."""
-    first = {}
-    for k in sorted(keys):
-        first.setdefault(k.split(".")[0], k)
-    return ", ".join(repr(k if len(k) < 40 else k[:37] + "...") for k in list(first.values())[:n])
 
 
 def detect_layout(keys) -> str:
@@ -139,13 +45,7 @@ def detect_layout(keys) -> str:
     if "x_embedder.weight" in ks and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in ks):
         return "diffusers"
     raise CheckpointError("does not look like a Flux.1 transformer: no 'double_blocks.*' or 'transformer_blocks.*' "
-                          f"keys (found keys like {key_sample(ks)}); {_guess_family(ks)}")
-
-
-def _num_blocks(keys, prefix) -> int:
-    # max index + 1, not the count, so a gap in the indices surfaces later as missing keys
-    idx = [int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
-    return max(idx) + 1 if idx else 0
+                          f"keys (found keys like {key_sample(ks)}); {guess_content(ks)}")
 
 
 def rope_axes_for_head_dim(head_dim: int) -> tuple:
@@ -191,7 +91,7 @@ def flux_config_from_state_dict(sd, layout) -> dict:
         raise CheckpointError(f"width {inner} is not a multiple of the attention head size {head_dim}")
     keys = list(sd)
     return dict(patch_size=1, in_channels=int(in_channels), out_channels=int(sd[names["out"]].shape[0]),
-                num_layers=_num_blocks(keys, names["dbl"]), num_single_layers=_num_blocks(keys, names["sgl"]),
+                num_layers=num_blocks(keys, names["dbl"]), num_single_layers=num_blocks(keys, names["sgl"]),
                 attention_head_dim=int(head_dim), num_attention_heads=int(inner // head_dim),
                 joint_attention_dim=int(sd[names["ctx"]].shape[1]), pooled_projection_dim=int(sd[names["vec"]].shape[1]),
                 guidance_embeds=names["guid"] in sd, axes_dims_rope=rope_axes_for_head_dim(int(head_dim)))
@@ -283,7 +183,7 @@ def _apply_rules(sd, rules, config) -> dict:
 def diffusers_to_bfl(sd) -> dict:
     """Exact inverse of bfl_to_diffusers: diffusers keys -> BFL keys (no prefix)."""
     keys = list(sd)
-    rules = _rules(_num_blocks(keys, "transformer_blocks."), _num_blocks(keys, "single_transformer_blocks."),
+    rules = _rules(num_blocks(keys, "transformer_blocks."), num_blocks(keys, "single_transformer_blocks."),
                    "time_text_embed.guidance_embedder.linear_1.weight" in sd)
     missing = [d for _, ds, _ in rules for d in ds if d not in sd]
     if missing:
@@ -341,21 +241,17 @@ def read_flux_info(path) -> FluxCheckpointInfo:
     try:
         return _inspect(path)[0]
     except CheckpointError as e:
-        if str(e).startswith(path):
-            raise
-        raise CheckpointError(f"{path}: {e}") from e
+        raise with_path(path, e) from e
 
 
 def _inspect(path):
-    header = _header(path)
-    keys = list(header)
-    if any(k.startswith(PREFIX) for k in keys):  # ComfyUI file: keep only the diffusion model
-        keys = [k for k in keys if k.startswith(PREFIX)]
+    header = read_header(path, FLUX_EXPECTED)
+    keys, _ = diffusion_model_keys(header)  # a ComfyUI file: only the diffusion model
     layout = detect_layout(keys)
-    shapes = {_strip(k): torch.empty(header[k]["shape"], device="meta") for k in keys}
+    shapes = {_strip(k): v for k, v in meta_shapes(header, keys).items()}
     config = flux_config_from_state_dict(shapes, layout)
     info = FluxCheckpointInfo(path=path, layout=layout, variant=flux_variant(config), config=config,
-                              stored_dtypes={_ST_DTYPES.get(d, d) for d in {header[k]["dtype"] for k in keys}})
+                              stored_dtypes=stored_dtypes(header, keys))
     return info, keys, shapes
 
 
@@ -387,18 +283,12 @@ def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = 
                  if layout == "bfl" else [(k, [k], "copy") for k in want])
         rules = [r for r in rules if r[1][0] in want]
         file_key = {_strip(k): k for k in keys}
-        sd = _read(path, [file_key[b] for b, _, _ in rules], device=device,
-                   dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules}, progress=progress)
+        sd = read_tensors(path, [file_key[b] for b, _, _ in rules], device=device, expected=FLUX_EXPECTED,
+                          dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules}, progress=progress)
         sd = _apply_rules({_strip(k): v for k, v in sd.items()}, rules, config)
     except CheckpointError as e:
-        if str(e).startswith(path):
-            raise
-        raise CheckpointError(f"{path}: {e}") from e
-    model.load_state_dict(sd, strict=True, assign=True)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:  # Flux has no buffers today; fail loudly if a diffusers update adds an unmaterialised one
-        raise RuntimeError(f"{path}: tensors left on the meta device after loading: {left[:5]}")
-    return model.eval().requires_grad_(False), info
+        raise with_path(path, e) from e
+    return assign_state_dict(model, sd, path), info
 
 
 def write_flux_checkpoint(model, path, layout="bfl", dtype=None):

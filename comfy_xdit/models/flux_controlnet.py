@@ -23,8 +23,11 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 from ..sampling import FluxModelSampling
 from .flux import (DEFAULT_GUIDANCE, PATCH, FluxModel, _batch, _SequenceShardState, _USPFluxAttnProcessor,
                    pack_latents)
-from .flux_checkpoint import (_LIN, _ST_DTYPES, CheckpointError, _guess_family, _header, _num_blocks, _read, _rules,
-                              rope_axes_for_head_dim)
+from .checkpoint import (CheckpointError, assign_state_dict, guess_content, meta_shapes, num_blocks, read_header,
+                         read_tensors, stored_dtypes, with_path)
+from .flux_checkpoint import _LIN, _rules, rope_axes_for_head_dim
+
+CONTROLNET_EXPECTED = "a Flux ControlNet"
 
 LAYOUTS = ("instantx", "union", "xlabs")
 _HINT_CONVS = ["conv_in", *(f"blocks.{i}" for i in range(6)), "conv_out"]  # XLabs input_hint_block.0, .2, ... .14
@@ -73,7 +76,7 @@ def detect_controlnet_layout(keys) -> str:
     if any(k.startswith(("double_blocks.", "transformer_blocks.", "model.diffusion_model.")) for k in ks):
         raise CheckpointError("is a Flux transformer, not a ControlNet (no 'controlnet_x_embedder' or "
                               "'pos_embed_input' keys); load it as the diffusion model instead")
-    raise CheckpointError(f"does not look like a Flux ControlNet: {_guess_family(ks)}")
+    raise CheckpointError(f"does not look like a Flux ControlNet: {guess_content(ks)}")
 
 
 def controlnet_config_from_state_dict(sd, layout) -> dict:
@@ -93,7 +96,7 @@ def controlnet_config_from_state_dict(sd, layout) -> dict:
         raise CheckpointError(f"hint embedder takes {sd[n['cx']].shape[1]} channels, expected {cond} x {PATCH}x{PATCH}")
     mode = sd.get("controlnet_mode_embedder.weight")
     return dict(patch_size=PATCH if cond else 1, in_channels=int(in_channels),
-                num_layers=_num_blocks(keys, n["dbl"]), num_single_layers=_num_blocks(keys, n["sgl"]),
+                num_layers=num_blocks(keys, n["dbl"]), num_single_layers=num_blocks(keys, n["sgl"]),
                 attention_head_dim=int(head_dim), num_attention_heads=int(inner // head_dim),
                 joint_attention_dim=int(sd[n["ctx"]].shape[1]), pooled_projection_dim=int(sd[n["vec"]].shape[1]),
                 guidance_embeds=n["guid"] in sd, axes_dims_rope=rope_axes_for_head_dim(int(head_dim)),
@@ -158,30 +161,24 @@ def load_flux_controlnet(path, dtype=torch.bfloat16, device="cpu"):
     """Load a single-file Flux ControlNet; returns (FluxControlNetModel in eval mode, ControlNetInfo)."""
     path = os.fspath(path)
     try:
-        try:
-            header = _header(path)
-        except CheckpointError as e:  # the shared reader names the transformer as what it expected
-            raise CheckpointError(str(e).replace("a Flux.1 transformer checkpoint", "a Flux ControlNet")) from e
+        header = read_header(path, CONTROLNET_EXPECTED)
         layout = detect_controlnet_layout(header)
-        shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
+        shapes = meta_shapes(header)
         config = controlnet_config_from_state_dict(shapes, layout)
         cx_in = int(shapes[_SHAPES["xlabs" if layout == "xlabs" else "diffusers"]["cx"]].shape[1])
         model = _build(config, cx_in)
         _fits(model.state_dict(), xlabs_to_diffusers(shapes, config) if layout == "xlabs" else shapes)
-        sd = _read(path, list(header), dtype=dtype, device=device)
+        sd = read_tensors(path, list(header), dtype=dtype, device=device, expected=CONTROLNET_EXPECTED)
         sd = xlabs_to_diffusers(sd, config) if layout == "xlabs" else sd
     except CheckpointError as e:
-        raise e if str(e).startswith(path) else CheckpointError(f"{path}: {e}") from e
-    model.load_state_dict(sd, strict=True, assign=True)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{path}: tensors left on the meta device after loading: {left[:5]}")
+        raise with_path(path, e) from e
+    model = assign_state_dict(model, sd, path)
     cond = config["conditioning_embedding_channels"]
     info = ControlNetInfo(path=path, layout=layout, config=config, hint="image" if cond else "latent",
                           hint_channels=3 if cond else cx_in // (PATCH * PATCH), num_mode=config["num_mode"],
                           blocks_repeat=layout == "xlabs",
-                          stored_dtypes={_ST_DTYPES.get(v["dtype"], v["dtype"]) for v in header.values()})
-    return model.eval().requires_grad_(False), info
+                          stored_dtypes=stored_dtypes(header))
+    return model, info
 
 
 def write_flux_controlnet(model: FluxControlNetModel, path, layout="diffusers", dtype=None):

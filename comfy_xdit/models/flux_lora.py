@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .flux_checkpoint import _num_blocks, _rules, _swap
+from .checkpoint import num_blocks
+from .flux_checkpoint import _rules, _swap
 
 
 class LoraError(ValueError):
@@ -73,10 +74,10 @@ def model_shapes(model) -> dict:
 def _targets(shapes) -> dict:
     """LoRA module name (BFL or diffusers, dots or underscores) -> {'weight'|'bias': ([diffusers keys], op)}."""
     keys = list(shapes)
-    rules = _rules(_num_blocks(keys, "transformer_blocks."), _num_blocks(keys, "single_transformer_blocks."),
+    rules = _rules(num_blocks(keys, "transformer_blocks."), num_blocks(keys, "single_transformer_blocks."),
                    "time_text_embed.guidance_embedder.linear_1.weight" in shapes)
     rules = [r for r in rules if all(d in shapes for d in r[1])] + [(k, [k], "copy") for k in keys]
-    for i in range(_num_blocks(keys, "single_transformer_blocks.")):  # ComfyUI's name for the qkv rows of linear1
+    for i in range(num_blocks(keys, "single_transformer_blocks.")):  # ComfyUI's name for the qkv rows of linear1
         d = f"single_transformer_blocks.{i}.attn.to_"
         rules += [(f"single_blocks.{i}.linear1_qkv.{s}", [f"{d}{x}.{s}" for x in "qkv"], "split")
                   for s in ("weight", "bias")]

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from comfy_xdit.models.flux_checkpoint import _ST_DTYPES, CheckpointError, _header, _num_blocks, _read, key_sample
+from comfy_xdit.models.checkpoint import (CheckpointError, assign_state_dict, key_sample, meta_shapes, num_blocks, read_header,
+                                         read_tensors, stored_dtypes, with_path)
 
 PREFIXES = ("first_stage_model.", "vae.")
+VAE_EXPECTED = "a VAE checkpoint"
 # latent_channels -> (name, scale, shift) as in ComfyUI's latent_formats; 16 could also be SD3 (1.5305, 0.0609)
 LATENT_FORMATS = {16: ("flux", 0.3611, 0.1159), 4: ("sd15", 0.18215, 0.0)}
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
@@ -76,7 +78,7 @@ def _ldm_key(k: str, n_up: int) -> str:
 
 def vae_to_ldm(sd) -> dict:
     """diffusers AutoencoderKL keys -> LDM/ComfyUI keys (no prefix); attention linears become 1x1 convs."""
-    n_up = _num_blocks(list(sd), "decoder.up_blocks.")
+    n_up = num_blocks(list(sd), "decoder.up_blocks.")
     out = {_ldm_key(k, n_up): v for k, v in sd.items()}
     return {k: v.reshape(*v.shape, 1, 1) if _ATTN_W.match(k) and v.ndim == 2 else v for k, v in out.items()}
 
@@ -110,7 +112,7 @@ def detect_vae_layout(keys) -> str:
 
 def vae_config_from_state_dict(sd) -> dict:
     """AutoencoderKL kwargs from LDM-keyed tensor shapes only (works on meta tensors); norm_num_groups is 32."""
-    n = _num_blocks(list(sd), "encoder.down.")
+    n = num_blocks(list(sd), "encoder.down.")
     need = ["encoder.conv_out.weight", "decoder.conv_out.weight"] + [f"encoder.down.{i}.block.0.conv1.weight"
                                                                      for i in range(max(n, 1))]
     missing = [k for k in need if k not in sd]
@@ -125,7 +127,7 @@ def vae_config_from_state_dict(sd) -> dict:
                 out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                 block_out_channels=tuple(int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(n)),
-                layers_per_block=_num_blocks(list(sd), "encoder.down.0.block."), latent_channels=latent,
+                layers_per_block=num_blocks(list(sd), "encoder.down.0.block."), latent_channels=latent,
                 norm_num_groups=32, scaling_factor=scale, shift_factor=shift if name == "flux" else None,
                 use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd,
                 mid_block_add_attention="encoder.mid.attn_1.q.weight" in sd)
@@ -142,9 +144,9 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
 
     path = os.fspath(path)
     try:
-        header = _header(path)
+        header = read_header(path, VAE_EXPECTED)
         keys, prefix = _strip_prefix(list(header))
-        shapes = {k[len(prefix):]: torch.empty(header[k]["shape"], device="meta") for k in keys}
+        shapes = {k[len(prefix):]: v for k, v in meta_shapes(header, keys).items()}
         layout = detect_vae_layout(shapes)
         ldm_shapes = vae_to_ldm(shapes) if layout == "diffusers" else shapes
         config = vae_config_from_state_dict(ldm_shapes)
@@ -165,22 +167,17 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
                for k, d in to_diff.items() if not _fits(ldm_shapes[k].shape, expected[d].shape)]
         if bad:
             raise CheckpointError(f"tensor shapes do not fit the inferred VAE config, e.g. {bad[:3]}")
-        sd = {k[len(prefix):]: v for k, v in _read(path, keys, dtype=dtype, device=device).items()}
+        sd = {k[len(prefix):]: v for k, v in read_tensors(path, keys, dtype=dtype, device=device, expected=VAE_EXPECTED).items()}
         sd = vae_to_ldm(sd) if layout == "diffusers" else sd
         sd = {d: sd[k].reshape(expected[d].shape) for k, d in to_diff.items()}
     except CheckpointError as e:
-        # the shared header checks name the Flux transformer as the expected content
-        msg = str(e).replace("a Flux.1 transformer checkpoint", "a VAE checkpoint")
-        raise CheckpointError(msg if msg.startswith(path) else f"{path}: {msg}") from e
-    model.load_state_dict(sd, strict=True, assign=True)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:  # AutoencoderKL has no buffers today; fail loudly if a diffusers update adds one
-        raise RuntimeError(f"{path}: tensors left on the meta device after loading: {left[:5]}")
+        raise with_path(path, e) from e
+    model = assign_state_dict(model, sd, path)
     fmt, scale, shift = LATENT_FORMATS.get(config["latent_channels"], (None, 1.0, 0.0))
     info = VaeInfo(path=path, layout=layout, config=config, latent_channels=config["latent_channels"],
                    latent_format=fmt, scale_factor=scale, shift_factor=shift,
-                   stored_dtypes={_ST_DTYPES.get(header[k]["dtype"], header[k]["dtype"]) for k in keys})
-    return model.eval().requires_grad_(False), info
+                   stored_dtypes=stored_dtypes(header, keys))
+    return model, info
 
 
 def write_vae_checkpoint(model, path, layout="ldm", dtype=None):

@@ -9,12 +9,13 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-import comfy_xdit.models.flux_checkpoint as flux_checkpoint
+import comfy_xdit.models.checkpoint as checkpoint_io
 from comfy_xdit.client import WEIGHT_DTYPES
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, estimate_flux_memory,
                                flux_stage_bounds)
-from comfy_xdit.models.flux_checkpoint import _header, keep_stage, load_flux_transformer, store_blocks_fp8
+from comfy_xdit.models.checkpoint import read_header
+from comfy_xdit.models.flux_checkpoint import keep_stage, load_flux_transformer, store_blocks_fp8
 from comfy_xdit.models.flux_random import flux_config, random_flux
 from comfy_xdit.pipefusion import stage_ranges
 from comfy_xdit.pipefusion.flux import FluxStage, flux_block_costs
@@ -78,14 +79,14 @@ class _Recorder:
 @pytest.mark.parametrize("stages", [2, 4])
 def test_stage_load_reads_only_its_tensors_and_equals_load_then_drop(checkpoint, monkeypatch, stages):
     path, config = checkpoint
-    header, n = _header(path), CONFIG["num_layers"] + CONFIG["num_single_layers"]
+    header, n = read_header(path), CONFIG["num_layers"] + CONFIG["num_single_layers"]
     full, _ = load_flux_transformer(path, dtype=torch.float32)
     bounds = flux_stage_bounds(config, stages)
     assert bounds == stage_ranges(flux_block_costs(full), stages, None)  # what FluxPipeFusion computes
     file_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
     for rank, (start, stop) in enumerate(bounds):
         read = {}
-        monkeypatch.setattr(flux_checkpoint, "safe_open", _Recorder(flux_checkpoint.safe_open, read))
+        monkeypatch.setattr(checkpoint_io, "safe_open", _Recorder(checkpoint_io.safe_open, read))
         model, _ = load_flux_transformer(path, dtype=torch.float32, stage=(start, stop))
         monkeypatch.undo()
         want = {k for k in header if _bfl_resident(k, start, stop, CONFIG["num_layers"], n)}
