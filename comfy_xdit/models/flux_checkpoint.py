@@ -15,7 +15,8 @@ import torch
 from .checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
                          key_sample, meta_shapes, num_blocks, read_header, read_state_dict, read_tensors,
                          stored_dtypes, with_path)
-from .fp8 import FP8, to_fp8
+from .blocks import BlockLayout
+from .fp8 import FP8
 
 PREFIX = COMFY_PREFIX
 _LIN = ("weight", "bias")
@@ -205,34 +206,11 @@ def _check_fits(expected, sd):
         raise CheckpointError(f"tensor shapes do not fit the inferred Flux config, e.g. {bad[:3]}")
 
 
-EMBEDDERS = ("x_embedder", "context_embedder")  # needed by the stage holding the first block only
-HEAD = ("norm_out", "proj_out")                 # by the stage holding the last block only
-
-
-def keep_stage(transformer, start: int, stop: int):
-    """Keep blocks [start, stop) (in block order: double blocks, then single); the others become nn.Identity
-    (indices stay stable for key mapping) and the embedders and head go unless this stage runs them.
-    The same residency as PipeFusion's FluxStage, applied before any weight is read."""
-    num_double = len(transformer.transformer_blocks)
-    n = num_double + len(transformer.single_transformer_blocks)
-    if not 0 <= start < stop <= n:
-        raise ValueError(f"stage ({start}, {stop}) is not a block range of this {n}-block model")
-    for i in [i for i in range(n) if not start <= i < stop]:
-        if i < num_double:
-            transformer.transformer_blocks[i] = torch.nn.Identity()
-        else:
-            transformer.single_transformer_blocks[i - num_double] = torch.nn.Identity()
-    for name in (EMBEDDERS if start > 0 else ()) + (HEAD if stop < n else ()):
-        setattr(transformer, name, None)
-    return transformer
-
-
-def store_blocks_fp8(transformer):
-    """fp8 storage (models/fp8.py) for the Linear weights inside the blocks: 99.4% of FLUX.1's parameters.
-    The rest stays in the compute dtype, so the first parameter still tells the compute dtype."""
-    to_fp8(transformer.transformer_blocks)
-    to_fp8(transformer.single_transformer_blocks)
-    return transformer
+FLUX_BLOCKS = BlockLayout(containers=("transformer_blocks", "single_transformer_blocks"),
+                          embedders=("x_embedder", "context_embedder"), head=("norm_out", "proj_out"))
+EMBEDDERS, HEAD = FLUX_BLOCKS.embedders, FLUX_BLOCKS.head
+keep_stage = FLUX_BLOCKS.keep_stage
+store_blocks_fp8 = FLUX_BLOCKS.store_fp8
 
 
 def read_flux_info(path) -> FluxCheckpointInfo:

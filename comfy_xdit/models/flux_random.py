@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .flux_checkpoint import keep_stage, rope_axes_for_head_dim, store_blocks_fp8
+from .blocks import random_transformer
+from .flux_checkpoint import FLUX_BLOCKS, rope_axes_for_head_dim
 
 _FULL = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
              joint_attention_dim=4096, pooled_projection_dim=768)
@@ -32,32 +33,9 @@ def flux_config(preset: str = "tiny", **overrides) -> dict:
     return config
 
 
-@torch.no_grad()
 def random_flux(config: dict, seed: int = 0, dtype=torch.float32, device="cpu", std: float | None = None,
                 fp8: bool = False, stage: tuple[int, int] | None = None):
-    """Eval-mode model with every parameter drawn from N(0, std) (q/k norm scales from 1 + N(0, 2 std)).
-
-    std defaults to 0.05 at width 128, shrinking with sqrt(width) so wide models stay well
-    conditioned (std 0.05 at width 3072 makes bf16 and fp32 disagree by ~60%).
-    fp8 and stage as in load_flux_transformer: the same values as the whole model cut and cast
-    afterwards, without ever holding the whole model (the other blocks' noise is drawn and dropped).
-    """
-    if std is None:
-        width = config["num_attention_heads"] * config["attention_head_dim"]
-        std = 0.05 * (128 / width) ** 0.5
-    with torch.device("meta"):  # allocate once, in the target dtype (full size: 24 GB in bf16, not 48 in fp32)
-        model = FluxTransformer2DModel(**config)
-    shapes = {name: p.shape for name, p in model.named_parameters()}  # the whole model's draw order
-    torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about fp32-kept modules; Flux has none
-    if stage is not None:
-        keep_stage(model, *stage)
-    if fp8:
-        store_blocks_fp8(model)
-    model.to_empty(device=device)  # every parameter is overwritten below; Flux has no buffers
-    params = dict(model.named_parameters())
-    gen = torch.Generator(device).manual_seed(seed)
-    for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
-        if name in params:  # RMSNorm scales stay near 1 so attention logits are neither zero nor huge
-            params[name].copy_((1 + 2 * noise if ".norm_" in name else noise).to(dtype))
-    return model.eval().requires_grad_(False)
+    """Eval-mode Flux with random weights (blocks.random_transformer); fp8 and stage as load_flux_transformer."""
+    return random_transformer(FluxTransformer2DModel, config, FLUX_BLOCKS, seed=seed, dtype=dtype, device=device,
+                              std=std, fp8=fp8, stage=stage,
+                              width=config["num_attention_heads"] * config["attention_head_dim"])
