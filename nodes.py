@@ -6,6 +6,7 @@ calls the engine in comfy_xdit/client.py, which drives the worker pool.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -125,8 +126,8 @@ def _conditioning(cond, name: str) -> Conditioning:
                          "xDiT Sampler takes a single entry")
     tokens, extra = cond[0]
     if extra.get("pooled_output") is None:
-        raise ValueError(f"{name} conditioning has no pooled output: encode it with a Flux text encoder "
-                         "(DualCLIPLoader type flux + CLIPTextEncode)")
+        raise ValueError(f"{name} conditioning has no pooled output: encode it with the model's text encoders "
+                         "(Flux: DualCLIPLoader type flux; SD3: TripleCLIPLoader; then CLIPTextEncode)")
     if extra.get("control") is not None:
         raise ValueError(f"{name} conditioning carries a ComfyUI ControlNet; use Apply ControlNet (xDiT) with "
                          "Load ControlNet (xDiT), which run it in the workers")
@@ -134,14 +135,16 @@ def _conditioning(cond, name: str) -> Conditioning:
 
 
 class XDiTModelLoader:
-    DESCRIPTION = "Loads a Flux diffusion model onto a pool of GPU workers that run it in parallel."
+    DESCRIPTION = ("Loads a diffusion transformer (Flux.1, SD3 / SD3.5) onto a pool of GPU workers that run it "
+                   "in parallel; the family is read from the file.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                              {"tooltip": "Flux.1 transformer from models/diffusion_models (or models/unet)."}),
+                              {"tooltip": "Flux.1 or SD3 / SD3.5 transformer (or a full SD3.5 checkpoint) from "
+                                          "models/diffusion_models (or models/unet)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16",
                                                        "tooltip": "bf16/fp16/fp32: compute dtype; fp8 files are upcast "
                                                                   "to it. fp8_e4m3fn: the blocks' weights kept in "
@@ -220,6 +223,24 @@ class XDiTLoraLoader:
 
     def apply(self, model, lora_name, strength_model):
         return (model.with_lora(folder_paths.get_full_path_or_raise("loras", lora_name), strength_model),)
+
+
+class XDiTModelSamplingSD3:
+    DESCRIPTION = "Sets the sampling shift of an xDiT model, as ComfyUI's ModelSamplingSD3 does on a MODEL."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("XDIT_MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, shift):
+        return (dataclasses.replace(model, shift=float(shift)),)
 
 
 class XDiTSampler:
@@ -369,6 +390,7 @@ NODE_CLASS_MAPPINGS = {
     "XDiTModelLoader": XDiTModelLoader,
     "XDiTLoraLoader": XDiTLoraLoader,
     "XDiTSampler": XDiTSampler,
+    "XDiTModelSamplingSD3": XDiTModelSamplingSD3,
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,
@@ -379,6 +401,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTModelLoader": "Load Diffusion Model (xDiT)",
     "XDiTLoraLoader": "LoRA (xDiT)",
     "XDiTSampler": "Sampler (xDiT)",
+    "XDiTModelSamplingSD3": "ModelSamplingSD3 (xDiT)",
     "XDiTVAELoader": "VAE Loader (xDiT)",
     "XDiTVAEDecode": "VAE Decode (xDiT)",
     "XDiTVAEEncode": "VAE Encode (xDiT)",

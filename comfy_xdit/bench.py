@@ -27,42 +27,52 @@ import time
 
 import torch
 
-from .models.flux_random import PRESETS, flux_config
+from .models.family import all_presets, family_for_preset
 from .pool.controller import PoolOptions, RequestFailed, WorkerPool
 from .pool.protocol import MEMORY_CAP_ENV
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
               "hybrid": lambda n: {"ulysses_degree": 2, "ring_degree": n // 2}, "auto": lambda n: None,
-              "pipefusion": lambda n: {"pipefusion_degree": n},
+              "pipefusion": lambda n: {"pipefusion_degree": n}, "cfg_parallel": lambda n: {"cfg_degree": n},
               "pipefusion_ulysses": lambda n: {"pipefusion_degree": 2, "ulysses_degree": n // 2}}
 
 
 def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
-    """Matmul + attention FLOPs of one Flux forward, counted from the shapes."""
+    """Matmul + attention FLOPs of one MM-DiT forward (Flux: double + single blocks; SD3: joint blocks, plus
+    SD3.5 Medium's image-only attn2), counted from the shapes."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     s, mlp = image_tokens + text_tokens, 4
     double = 2 * s * d * 4 * d + 2 * s * d * 2 * mlp * d + 4 * s * s * d
     single = 2 * s * d * (3 * d + mlp * d) + 2 * s * (d + mlp * d) * d + 4 * s * s * d
-    return config["num_layers"] * double + config["num_single_layers"] * single
+    attn2 = 2 * image_tokens * d * 4 * d + 4 * image_tokens * image_tokens * d
+    return (config["num_layers"] * double + config.get("num_single_layers", 0) * single
+            + len(config.get("dual_attention_layers") or ()) * attn2)
 
 
-def baseline_diffusers(config: dict, px: int, steps: int, text_tokens: int) -> float:
-    """Plain diffusers FluxPipeline on one GPU, latent out: the reference the speedups divide."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+def baseline_diffusers(family, config: dict, px: int, steps: int, text_tokens: int, cfg: float = 1.0) -> float:
+    """Plain diffusers FluxPipeline / StableDiffusion3Pipeline on one GPU, latent out: the reference the
+    speedups divide."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-    from .models.flux_random import random_flux
-
-    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
-    transformer = random_flux(config, dtype=torch.bfloat16, device="cuda")
-    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
+    transformer = family.random(config, dtype=torch.bfloat16, device="cuda")
     embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device="cuda", dtype=torch.bfloat16)
     pooled = torch.randn(1, config["pooled_projection_dim"], device="cuda", dtype=torch.bfloat16)
+    if family.name == "sd3":
+        pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                        text_encoder_3=None, tokenizer_3=None, transformer=transformer)
+        pipe.vae_scale_factor = 8  # no VAE attached: SD3's VAE downsamples by 8
+        extra = dict(negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled, guidance_scale=cfg)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                    max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+        pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=transformer)
+        extra = dict(max_sequence_length=text_tokens)
 
     def run(n):
         pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=px, width=px, num_inference_steps=n,
-             output_type="latent", max_sequence_length=text_tokens)
+             output_type="latent", **extra)
         torch.cuda.synchronize()
 
     run(2)
@@ -81,7 +91,8 @@ def _progress(label: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="flux-dev", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="flux-dev", choices=sorted(all_presets()))
+    p.add_argument("--cfg", type=float, default=1.0, help="cfg > 1 runs a negative prompt (SD3: 4.5)")
     p.add_argument("--px", default="1024")
     p.add_argument("--gpus", default="1,2")
     p.add_argument("--strategies", default="ulysses,ring")
@@ -107,14 +118,15 @@ def main(argv=None) -> int:
     args.weight_dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.vae:
         return bench_vae(args, resolutions)
-    config = flux_config(args.preset)
+    family = family_for_preset(args.preset)
+    config = family.preset_config(args.preset)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    baselines = {px: baseline_diffusers(config, px, args.steps, args.text_tokens) for px in resolutions} \
-        if args.baseline else {}
+    baselines = {px: baseline_diffusers(family, config, px, args.steps, args.text_tokens, args.cfg)
+                 for px in resolutions} if args.baseline else {}
     if baselines:
         torch.cuda.empty_cache()  # the baseline's model is gone; hand its memory back before the pools start
     for px, seconds in baselines.items():
-        print(f"diffusers FluxPipeline, 1 GPU, {px}px: {seconds:.3f} s", file=sys.stderr, flush=True)
+        print(f"diffusers, 1 GPU, {px}px: {seconds:.3f} s", file=sys.stderr, flush=True)
 
     resident = (torch.empty(int(args.resident_gb * 1e9), dtype=torch.uint8, device="cuda")
                 if args.resident_gb else None)  # stays allocated until this process ends
@@ -140,18 +152,23 @@ def main(argv=None) -> int:
                         continue
                     for px in resolutions:
                         g = torch.Generator().manual_seed(0)
-                        tensors = {"context": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
-                                                          generator=g).bfloat16(),
-                                   "pooled": torch.randn(1, config["pooled_projection_dim"], generator=g).bfloat16(),
+                        tensors = {"positive.context": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
+                                                                   generator=g).bfloat16(),
+                                   "positive.pooled": torch.randn(1, config["pooled_projection_dim"],
+                                                                  generator=g).bfloat16(),
                                    "latent": torch.zeros(1, 16, px // 8, px // 8)}
+                        if args.cfg != 1.0:
+                            tensors.update({"negative." + k.split(".")[1]: v for k, v in tensors.items()
+                                            if k.startswith("positive.")})
                         label = f"{gpus} GPU {strategy} {px}px compile={compiled}"
-                        warm = dict(model_key=key, seed=0, steps=3 if compiled else 2)
+                        warm = dict(model_key=key, seed=0, steps=3 if compiled else 2, cfg=args.cfg)
                         pool.request("sample", warm, tensors)
                         start = time.perf_counter()
-                        reply, _ = pool.request("sample", dict(model_key=key, seed=0, steps=args.steps), tensors,
-                                                on_progress=_progress(label))
+                        reply, _ = pool.request("sample", dict(model_key=key, seed=0, steps=args.steps, cfg=args.cfg),
+                                                tensors, on_progress=_progress(label))
                         total = time.perf_counter() - start
-                        flops = flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps
+                        branches = 2 if args.cfg != 1.0 else 1
+                        flops = flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps * branches
                         row = dict(gpus=gpus, strategy=strategy, dtype=loaded.get("weight_dtype", dtype),
                                    layout={k: v for k, v in loaded["parallel"].items() if v > 1}, px=px,
                                    compile=compiled, steps=args.steps,
@@ -171,7 +188,7 @@ def main(argv=None) -> int:
           f"{'speedup':>7} {'TFLOP/s/GPU':>11}  peak GiB/GPU  weights, layout")
     for px, seconds in baselines.items():
         print(f"{1:>4} {'diffusers':>8} {px:>5} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} {1.0:>7.2f} "
-              f"{flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps / seconds / 1e12:>11.1f}")
+              f"{flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps * (2 if args.cfg != 1.0 else 1) / seconds / 1e12:>11.1f}")
     for r in rows:
         if "refused" in r:
             print(f"{r['gpus']:>4} {r['strategy']:>8} {r['dtype']}: refused: {r['refused']}")

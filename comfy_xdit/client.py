@@ -44,6 +44,7 @@ class ModelHandle:
     gpu_ids: tuple = ()                  # which GPUs (cuda:i here), as many as `gpus`; empty = the first `gpus`
     pipefusion: tuple = ()               # (("num_pipeline_patch", n), ("warmup_steps", w)); empty = defaults
     compile: bool = False                # torch.compile each transformer block in the workers
+    shift: float | None = None           # a ModelSampling* node's shift (None: the family's own rule)
 
     def with_lora(self, path: str, strength: float) -> "ModelHandle":
         return replace(self, loras=self.loras + ((path, float(strength)),))
@@ -84,10 +85,17 @@ class Control:
 
 @dataclass
 class Conditioning:
-    context: torch.Tensor                # [B, T, 4096] T5 tokens
-    pooled: torch.Tensor                 # [B, 768] CLIP pooled
-    guidance: float | None = None
+    context: torch.Tensor                # [B, T, D] text tokens (Flux: T5 4096; SD3: CLIP-L/G + T5, 4096)
+    pooled: torch.Tensor                 # [B, P] pooled text (Flux: CLIP-L 768; SD3: CLIP-L + G, 2048)
+    guidance: float | None = None        # FluxGuidance
     controls: list = field(default_factory=list)
+
+    def tensors(self, branch: str) -> dict:
+        """The named tensors a sample request carries for this branch ('positive' / 'negative')."""
+        out = {f"{branch}.context": self.context, f"{branch}.pooled": self.pooled}
+        if self.guidance is not None:
+            out[f"{branch}.guidance"] = torch.tensor([float(self.guidance)])
+        return out
 
 
 def available_devices() -> tuple[str, int]:
@@ -140,7 +148,7 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
                    extra_files: tuple = ()) -> int:
     """What one worker holds at the peak of a job, before the job has reported a measured peak.
 
-    Flux models: memory.py's estimate from the file's header (see _flux_estimate). Where the header cannot
+    Diffusion models: memory.py's estimate from the file's header (see _header_estimate). Where the header cannot
     be read: load: the file's size, divided over PipeFusion stages; sample: that plus
     ACTIVATIONS_PER_MEGAPIXEL per image of the latent `shape` (twice with cfg). extra_files (ControlNets)
     are held whole on every rank.
@@ -154,9 +162,9 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(handle.dtype, torch.bfloat16)
         return weights + estimate_decode_bytes(_USUAL_VAE, shape, handle.gpus, dtype)
     extra = sum(_file_size(p) for p in extra_files)
-    flux = _flux_estimate(handle, shape if kind != "load" else (), cfg)
-    if flux is not None:
-        return flux + extra
+    estimate = _header_estimate(handle, shape if kind != "load" else (), cfg)
+    if estimate is not None:
+        return estimate + extra
     stages = dict(handle.parallel).get("pipefusion_degree", 1)
     weights = _file_size(handle.path) // stages + extra
     if kind == "load" or not shape:
@@ -166,22 +174,24 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
     return weights + int(ACTIVATIONS_PER_MEGAPIXEL * images * (2 if cfg else 1))
 
 
-def _flux_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None:
-    """memory.estimate_flux_memory for the handle from its file's header (no tensor read): the weights as the
+def _header_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None:
+    """memory.estimate_memory for the handle from its file's header (no tensor read): the weights as the
     handle stores them (fp8, PipeFusion stages) and, with a latent shape, the activations per image (twice
     with cfg on one rank). "auto" is sized as sequence parallelism over all GPUs, the most it picks. None
     where the header cannot be read or the layout is invalid: the file-size rule then, the load's own error
     later."""
     from .config import ParallelConfig
-    from .memory import estimate_flux_memory
-    from .models.flux_checkpoint import CheckpointError, read_flux_info
+    from .memory import estimate_memory
+    from .models.checkpoint import CheckpointError
+    from .models.family import read_info
 
     try:
-        config = read_flux_info(handle.path).config
+        family, info = read_info(handle.path)
+        config = info.config
         parallel = (ParallelConfig(**dict(handle.parallel)) if handle.parallel else
-                    ParallelConfig.for_sequence_parallel(handle.gpus, config["num_attention_heads"]))
+                    ParallelConfig.for_sequence_parallel(handle.gpus, family.num_heads(config)))
         image = (shape[3] * 8, shape[2] * 8) if shape else None
-        estimate = max(estimate_flux_memory(config, parallel, handle.dtype, image), key=lambda e: e.total)
+        estimate = max(estimate_memory(family, config, parallel, handle.dtype, image), key=lambda e: e.total)
     except (CheckpointError, ValueError, KeyError, TypeError):
         return None
     per_item = 2 if cfg and parallel.cfg_degree == 1 else 1
@@ -267,9 +277,9 @@ class Engine:
         job = ("sample", model, tuple(latent.shape), guided, controls)
         self._prepare(job, model, lambda: estimate_bytes("sample", model, tuple(latent.shape), guided, controls))
         key = self._load(model)["model_key"]  # the room asked for above covers the weights when not resident
-        tensors = {"context": positive.context, "pooled": positive.pooled, "latent": latent}
+        tensors = {"latent": latent, **positive.tensors("positive")}
         if guided:
-            tensors.update(negative_context=negative.context, negative_pooled=negative.pooled)
+            tensors.update(negative.tensors("negative"))
         if noise_mask is not None:
             tensors["noise_mask"] = noise_mask
         controls = []
@@ -278,7 +288,7 @@ class Engine:
             controls.append(dict(path=c.controlnet.path, strength=c.strength, start_percent=c.start_percent,
                                  end_percent=c.end_percent, vae_path=c.vae.path if c.vae else None, mode=c.mode))
         args = dict(model_key=key, seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
-                    scheduler=scheduler, denoise=float(denoise), guidance=positive.guidance,
+                    scheduler=scheduler, denoise=float(denoise), shift=model.shift,
                     batch_index=batch_index, loras=[list(lora) for lora in model.loras], controls=controls)
         reply, out = self.pool(model.gpus, model.gpu_ids).request("sample", args, tensors, on_progress=on_progress,
                                                                   cancel=cancel)

@@ -16,9 +16,9 @@ import torch
 
 from .config import ParallelConfig
 from .mesh import build_mesh
-from .models.flux import FluxModel
-from .models.flux_checkpoint import write_flux_checkpoint
-from .models.flux_random import flux_config, random_flux
+from .models.flux import FluxModel, flux_conditioning
+from .models.flux.checkpoint import write_flux_checkpoint
+from .models.flux.random import flux_config, random_flux
 from .sampling import sample
 from .spmd import run_spmd
 
@@ -43,7 +43,7 @@ def _job(path: str, args, mesh=None):
     pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g)
     latent = torch.zeros(1, 16, args.height // 8, args.width // 8)  # as EmptySD3LatentImage gives
     start = time.perf_counter()
-    out = sample(model, context, pooled, latent, seed=args.seed, steps=args.steps, guidance=3.5)
+    out = sample(model, flux_conditioning(context, pooled, 3.5), latent, seed=args.seed, steps=args.steps)
     return out, time.perf_counter() - start
 
 

@@ -1,4 +1,4 @@
-"""How much GPU memory a Flux transformer needs per rank, and the check that refuses what will not fit.
+"""How much GPU memory a DiT of any family needs per rank, and the check that refuses what will not fit.
 
 Weights dominate: only PipeFusion splits them (each stage holds its blocks); Ulysses, Ring, CFG and data
 parallelism replicate them. Everything is computed from the config on a meta-device model, before any
@@ -11,21 +11,20 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxTransformer2DModel
 
 from .config import ParallelConfig, _divisors
-from .models.flux_checkpoint import EMBEDDERS, HEAD, store_blocks_fp8
+from .models.family import Family
 from .models.fp8 import FP8
-from .pipefusion.flux import flux_block_costs, flux_blocks
 from .pipefusion.schedule import stage_ranges
 
 GB = 10**9
 # weight_dtype name -> (compute dtype, blocks' Linear weights stored in fp8)
 WEIGHT_STORAGE = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
                   "fp8_e4m3fn": (torch.bfloat16, True)}
-TEXT_TOKENS = 512  # T5 tokens assumed by the activation term (ComfyUI gives max(256, prompt tokens))
+TEXT_TOKENS = 512  # text tokens assumed by the activation term (ComfyUI's Flux T5 gives max(256, prompt tokens))
 # Live activations of one forward above the weights, in hidden-state widths per token: 17.2 measured for
-# FLUX.1-dev in bf16 on an H200 at 1024 and 2048 px (tests/gpu/check_memory_cuda.py), rounded up.
+# FLUX.1-dev in bf16 on an H200 at 1024 and 2048 px (tests/gpu/check_memory_cuda.py), rounded up; used for
+# every family until one is measured.
 BLOCK_WORKSET = 18
 
 
@@ -51,7 +50,7 @@ class _Parts:
     embed: int          # numel of the embedders (first stage)
     head: int           # numel of the head (last stage)
     shared: int         # numel on every stage (time/text/guidance embedders)
-    costs: tuple        # flux_block_costs: what PipeFusion balances
+    costs: tuple        # BlockLayout.costs: what PipeFusion balances
     largest_linear: int  # numel of the largest fp8 weight (its upcast copy lives during its layer)
     width: int
 
@@ -62,33 +61,39 @@ def _key(config: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def _parts(key: tuple) -> _Parts:
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**dict(key))
-    costs = flux_block_costs(model)
-    store_blocks_fp8(model)  # the loader's rule for which weights fp8 storage takes
+def _parts(family: Family, key: tuple) -> _Parts:
+    layout = family.blocks
+    model = family.meta_model(dict(key))
+    costs = layout.costs(model)
+    layout.store_fp8(model)  # the loaders' rule for which weights fp8 storage takes
 
     def split(module):
         ps = list(module.parameters())
         return (sum(p.numel() for p in ps if p.dtype == FP8), sum(p.numel() for p in ps if p.dtype != FP8))
 
-    blocks = tuple(split(b) for b in flux_blocks(model))
+    blocks = tuple(split(b) for b in layout.blocks(model))
     total = sum(p.numel() for p in model.parameters())
-    embed = sum(sum(split(getattr(model, n))) for n in EMBEDDERS)
-    head = sum(sum(split(getattr(model, n))) for n in HEAD)
-    width = model.config.num_attention_heads * model.config.attention_head_dim
+    embed = sum(sum(split(getattr(model, n))) for n in layout.embedders)
+    head = sum(sum(split(getattr(model, n))) for n in layout.head)
     largest = max(p.numel() for p in model.parameters() if p.dtype == FP8)
-    return _Parts(blocks, embed, head, total - embed - head - sum(map(sum, blocks)), tuple(costs), largest, width)
+    return _Parts(blocks, embed, head, total - embed - head - sum(map(sum, blocks)), tuple(costs), largest,
+                  family.width(dict(key)))
 
 
-def flux_stage_bounds(config: dict, num_stages: int, stage_blocks: tuple | None = None) -> list[tuple[int, int]]:
-    """PipeFusion block ranges per stage from the config alone: FluxPipeFusion runs on these."""
-    return stage_ranges(list(_parts(_key(config)).costs), num_stages, stage_blocks)
+def block_costs(family: Family, config: dict) -> tuple:
+    """Parameters per block (embedders on the first, head on the last), from the config alone."""
+    return _parts(family, _key(config)).costs
 
 
-def estimate_flux_memory(config: dict, parallel: ParallelConfig, storage: str = "bf16",
-                         image_size: tuple[int, int] | None = None,
-                         stage_bounds: list[tuple[int, int]] | None = None) -> list[MemoryEstimate]:
+def stage_bounds(family: Family, config: dict, num_stages: int,
+                 stage_blocks: tuple | None = None) -> list[tuple[int, int]]:
+    """PipeFusion block ranges per stage from the config alone: the PipeFusion adapter runs on these."""
+    return stage_ranges(list(block_costs(family, config)), num_stages, stage_blocks)
+
+
+def estimate_memory(family: Family, config: dict, parallel: ParallelConfig, storage: str = "bf16",
+                    image_size: tuple[int, int] | None = None,
+                    explicit_bounds: list[tuple[int, int]] | None = None) -> list[MemoryEstimate]:
     """Per-rank bytes for each PipeFusion stage (one entry without PipeFusion).
 
     weights: the stage's blocks (+ embedders on the first, head on the last, time/text embedders on all),
@@ -102,13 +107,14 @@ def estimate_flux_memory(config: dict, parallel: ParallelConfig, storage: str = 
     torch.compile workspaces, ControlNets, and the text encoders and VAE (other processes or steps).
     """
     compute, fp8 = WEIGHT_STORAGE[storage]
-    parts, c = _parts(_key(config)), torch.empty((), dtype=compute).element_size()
+    parts, c = _parts(family, _key(config)), torch.empty((), dtype=compute).element_size()
     n, pp = len(parts.blocks), parallel.pipefusion_degree
-    bounds = stage_bounds or (flux_stage_bounds(config, pp) if pp > 1 else [(0, n)])
+    bounds = explicit_bounds or (stage_bounds(family, config, pp) if pp > 1 else [(0, n)])
     seq = 0
     if image_size is not None:
         w, h = image_size
-        seq = -(-(TEXT_TOKENS + (w // 16) * (h // 16)) // parallel.sp_degree)
+        rows, cols = family.token_grid((1, family.latent_format.channels, h // 8, w // 8))
+        seq = -(-(TEXT_TOKENS + rows * cols) // parallel.sp_degree)
     out = []
     for start, stop in bounds:
         blocks = parts.blocks[start:stop]
@@ -129,22 +135,23 @@ def _describe(pp: int, storage: str, joiner: str) -> str:
     return f"pipefusion {pp}{joiner}{name}" if pp > 1 else name
 
 
-def check_flux_memory(config: dict, parallel: ParallelConfig, storage: str, free_bytes: int, device: str,
-                      image_size: tuple[int, int] | None = None,
-                      stage_bounds: list[tuple[int, int]] | None = None) -> MemoryEstimate:
+def check_memory(family: Family, config: dict, parallel: ParallelConfig, storage: str, free_bytes: int, device: str,
+                 image_size: tuple[int, int] | None = None,
+                 explicit_bounds: list[tuple[int, int]] | None = None) -> MemoryEstimate:
     """The largest per-rank estimate, or NotEnoughMemory when it exceeds free_bytes, naming a layout that fits:
     fp8 storage first, then more PipeFusion stages (dp and cfg degrees kept, sequence parallelism traded).
-    stage_bounds: an explicit PipeFusion split (else balanced by parameter count)."""
+    explicit_bounds: an explicit PipeFusion split (else balanced by parameter count)."""
     def need(pp, s):
         layout = ParallelConfig(parallel.dp_degree, parallel.cfg_degree, pp,
                                 ulysses_degree=group // pp)  # only sp_degree matters to the estimate
-        return max(e.total for e in estimate_flux_memory(config, layout, s, image_size))
+        return max(e.total for e in estimate_memory(family, config, layout, s, image_size))
 
     group = parallel.pipefusion_degree * parallel.sp_degree
-    estimate = max(estimate_flux_memory(config, parallel, storage, image_size, stage_bounds), key=lambda e: e.total)
+    estimate = max(estimate_memory(family, config, parallel, storage, image_size, explicit_bounds),
+                   key=lambda e: e.total)
     if estimate.total <= free_bytes:
         return estimate
-    pp, n = parallel.pipefusion_degree, len(_parts(_key(config)).blocks)
+    pp, n = parallel.pipefusion_degree, len(_parts(family, _key(config)).blocks)
     more = [p for p in _divisors(group) if pp < p <= n]
     fp8 = "fp8_e4m3fn"
     options = ([(pp, fp8)] if storage != fp8 else []) + [(p, storage) for p in more] + \
@@ -161,20 +168,20 @@ def check_flux_memory(config: dict, parallel: ParallelConfig, storage: str, free
                           f"{free_bytes / GB:.1f} GB free on {device}{hint}")
 
 
-def auto_layout(config: dict, world_size: int, storage: str, free_bytes: int, device: str,
+def auto_layout(family: Family, config: dict, world_size: int, storage: str, free_bytes: int, device: str,
                 image_size: tuple[int, int] = (1024, 1024)) -> tuple[ParallelConfig, str]:
     """The "auto" strategy with memory in mind: sequence parallelism over every rank when the weights fit
     (fastest), else the fewest PipeFusion stages that fit (sequence parallel inside each), and only then
     fp8 storage of bf16 weights, which changes the numbers a little. NotEnoughMemory when nothing fits."""
-    heads = config["num_attention_heads"]
-    stages = [p for p in _divisors(world_size) if p <= len(_parts(_key(config)).blocks)]
+    heads = family.num_heads(config)
+    stages = [p for p in _divisors(world_size) if p <= len(_parts(family, _key(config)).blocks)]
     storages = [storage] + (["fp8_e4m3fn"] if storage == "bf16" else [])
     for s in storages:
         for pp in stages:
             sp = ParallelConfig.for_sequence_parallel(world_size // pp, heads)
             layout = ParallelConfig(pipefusion_degree=pp, ring_degree=sp.ring_degree, ulysses_degree=sp.ulysses_degree)
-            if max(e.total for e in estimate_flux_memory(config, layout, s, image_size)) <= free_bytes:
+            if max(e.total for e in estimate_memory(family, config, layout, s, image_size)) <= free_bytes:
                 return layout, s
-    check_flux_memory(config, ParallelConfig(pipefusion_degree=stages[-1], ulysses_degree=world_size // stages[-1]),
+    check_memory(family, config, ParallelConfig(pipefusion_degree=stages[-1], ulysses_degree=world_size // stages[-1]),
                       storages[-1], free_bytes, device, image_size)
-    raise AssertionError("check_flux_memory accepted a layout auto_layout refused")  # same estimate: unreachable
+    raise AssertionError("check_memory accepted a layout auto_layout refused")  # same estimate: unreachable

@@ -1,5 +1,9 @@
 """Flow-matching sampling on plain tensors, following ComfyUI's conventions.
 
+Model-family-agnostic: a model adapter supplies its model sampling (the sigma table and the
+sigma <-> timestep maps, ComfyUI's comfy/model_sampling.py) and a denoiser over a conditioning
+dict; the schedulers, samplers, noise, masks and parallel splits here never look inside either.
+
 Every rank runs this loop in lockstep on identical inputs: noise comes from the seed on
 the CPU (as ComfyUI's KSampler draws it), so no broadcast of the starting latent is needed.
 Under a mesh, the "dp" axis splits the batch and the "cfg" axis splits the two CFG branches;
@@ -9,6 +13,7 @@ the model itself handles the sequence axes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 SIGMA_TABLE_SIZE = 10000  # ComfyUI's ModelSamplingFlux timesteps
+DISCRETE_FLOW_TIMESTEPS = 1000  # ComfyUI's ModelSamplingDiscreteFlow timesteps
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,43 @@ def flux_time_shift(mu: float, t):
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
 
 
-class FluxModelSampling:
-    """ComfyUI's ModelSamplingFlux at shift `mu`: an fp32 table of 10000 sigmas, timestep(sigma) = sigma."""
+def time_snr_shift(alpha: float, t):
+    """ComfyUI's time_snr_shift (SD3's timestep shift), with the same operations so fp32 tensors match bit for bit."""
+    if alpha == 1.0:
+        return t
+    return alpha * t / (1 + (alpha - 1) * t)
 
-    def __init__(self, mu: float):
-        self.mu = mu
-        self.sigmas = self.sigma(torch.arange(1, SIGMA_TABLE_SIZE + 1, 1, dtype=torch.float32) / SIGMA_TABLE_SIZE)
+
+def _reshape_sigma(sigma, ndim: int):
+    """ComfyUI's reshape_sigma for a tensor sigma (one value, or one per batch item); a number stays as it is."""
+    if not isinstance(sigma, torch.Tensor):
+        return sigma
+    if sigma.nelement() == 1:
+        return sigma.view(())
+    return sigma.view(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+class ConstPrediction:
+    """ComfyUI's CONST prediction (flow matching): x_t = sigma * noise + (1 - sigma) * x0, the model predicts
+    the velocity noise - x0. `sigma` may be a number, a one-value tensor or one value per batch item."""
+
+    def calculate_denoised(self, sigma, model_output: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, model_output.ndim)
+        return model_input - model_output * sigma
+
+    def noise_scaling(self, sigma, noise: torch.Tensor, latent_image: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, noise.ndim)
+        return sigma * noise + (1.0 - sigma) * latent_image
+
+    def inverse_noise_scaling(self, sigma, latent: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, latent.ndim)
+        return latent / (1.0 - sigma)
+
+
+class _TableSampling(ConstPrediction):
+    """Shared by the model samplings below: an ascending fp32 table `sigmas` (sigma_min first)."""
+
+    sigmas: torch.Tensor
 
     @property
     def sigma_min(self) -> torch.Tensor:
@@ -60,22 +97,57 @@ class FluxModelSampling:
     def sigma_max(self) -> torch.Tensor:
         return self.sigmas[-1]
 
+
+class FluxModelSampling(_TableSampling):
+    """ComfyUI's ModelSamplingFlux at `shift` (Flux's mu): an fp32 table of 10000 sigmas, timestep(sigma) = sigma."""
+
+    def __init__(self, shift: float):
+        self.shift = shift
+        self.sigmas = self.sigma(torch.arange(1, SIGMA_TABLE_SIZE + 1, 1, dtype=torch.float32) / SIGMA_TABLE_SIZE)
+
+    def __repr__(self) -> str:
+        return f"FluxModelSampling(shift={self.shift})"
+
     def timestep(self, sigma):
         return sigma
 
     def sigma(self, timestep):
-        return flux_time_shift(self.mu, timestep)
+        return flux_time_shift(self.shift, timestep)
 
     def percent_to_sigma(self, percent: float) -> float:
         if percent <= 0.0:
             return 1.0
         if percent >= 1.0:
             return 0.0
-        return flux_time_shift(self.mu, 1.0 - percent)
+        return flux_time_shift(self.shift, 1.0 - percent)
 
 
-def sigma_table(mu: float) -> torch.Tensor:
-    return FluxModelSampling(mu).sigmas
+class DiscreteFlowModelSampling(_TableSampling):
+    """ComfyUI's ModelSamplingDiscreteFlow (SD3; its ModelSamplingSD3 node sets `shift`, multiplier 1000):
+    an fp32 table of 1000 sigmas, sigma(t) = time_snr_shift(shift, t / multiplier), timestep(sigma) = sigma * multiplier."""
+
+    def __init__(self, shift: float = 1.0, multiplier: float = 1000):
+        self.shift = shift
+        self.multiplier = multiplier
+        steps = DISCRETE_FLOW_TIMESTEPS
+        # The same operations as ComfyUI's set_parameters (an int arange, then / and *), for the same fp32 table.
+        self.sigmas = self.sigma((torch.arange(1, steps + 1, 1) / steps) * multiplier)
+
+    def __repr__(self) -> str:
+        return f"DiscreteFlowModelSampling(shift={self.shift}, multiplier={self.multiplier})"
+
+    def timestep(self, sigma):
+        return sigma * self.multiplier
+
+    def sigma(self, timestep):
+        return time_snr_shift(self.shift, timestep / self.multiplier)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return time_snr_shift(self.shift, 1.0 - percent)
 
 
 def _check_steps(steps: int) -> None:
@@ -83,25 +155,26 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps must be at least 1, got {steps}")
 
 
-def simple_sigmas(steps: int, mu: float) -> torch.Tensor:
+def simple_sigmas(steps: int, model_sampling) -> torch.Tensor:
     """ComfyUI's "simple" scheduler: evenly spaced picks from the end of the table, then 0."""
     _check_steps(steps)
-    table = sigma_table(mu)
+    table = model_sampling.sigmas
     stride = len(table) / steps
     picks = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
     return torch.tensor(picks + [0.0], dtype=torch.float32)
 
 
-def normal_sigmas(steps: int, mu: float, sgm: bool = False) -> torch.Tensor:
-    """ComfyUI's "normal" scheduler (and "sgm_uniform" with sgm=True): uniform in timestep, which for Flux is sigma."""
+def normal_sigmas(steps: int, model_sampling, sgm: bool = False) -> torch.Tensor:
+    """ComfyUI's "normal" scheduler (and "sgm_uniform" with sgm=True): uniform in timestep, mapped back to sigma."""
     _check_steps(steps)
-    s = FluxModelSampling(mu)
+    s = model_sampling
     start, end = s.timestep(s.sigma_max), s.timestep(s.sigma_min)
     append_zero = True
     if sgm:
         timesteps = torch.linspace(start, end, steps + 1)[:-1]
     else:
-        # Never true for Flux (sigma(sigma_min) is far from 0); kept so the rule reads as ComfyUI's.
+        # A table whose smallest sigma is ~0 ends on it instead of an appended 0. Never for Flux; for
+        # discrete flow only at shift < ~0.01 (sigma_min = time_snr_shift(shift, 0.001)).
         if math.isclose(float(s.sigma(end)), 0, abs_tol=0.00001):
             steps += 1
             append_zero = False
@@ -112,6 +185,9 @@ def normal_sigmas(steps: int, mu: float, sgm: bool = False) -> torch.Tensor:
     return torch.tensor(sigmas, dtype=torch.float32)
 
 
+def sgm_uniform_sigmas(steps: int, model_sampling) -> torch.Tensor:
+    """ComfyUI's "sgm_uniform" scheduler: the normal scheduler's spacing over steps + 1, last point dropped."""
+    return normal_sigmas(steps, model_sampling, sgm=True)
 def _betainc_cf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
     tiny = 1e-300
@@ -173,10 +249,10 @@ def beta_ppf(p: float, a: float, b: float) -> float:
     return x
 
 
-def beta_sigmas(steps: int, mu: float, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
-    """ComfyUI's "beta" scheduler: table entries at rint(beta.ppf(1 - i/steps) * 9999), repeats dropped, then 0."""
+def beta_sigmas(steps: int, model_sampling, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """ComfyUI's "beta" scheduler: table entries at rint(beta.ppf(1 - i/steps) * (len - 1)), repeats dropped, then 0."""
     _check_steps(steps)
-    table = sigma_table(mu)
+    table = model_sampling.sigmas
     total = len(table) - 1
     sigmas, last = [], -1
     for i in range(steps):
@@ -191,27 +267,30 @@ def beta_sigmas(steps: int, mu: float, alpha: float = 0.6, beta: float = 0.6) ->
 _SCHEDULER_FNS = {
     "simple": simple_sigmas,
     "normal": normal_sigmas,
-    "sgm_uniform": lambda steps, mu: normal_sigmas(steps, mu, sgm=True),
+    "sgm_uniform": sgm_uniform_sigmas,
     "beta": beta_sigmas,
 }
 SCHEDULERS = tuple(_SCHEDULER_FNS)
 
 
-def make_sigmas(scheduler: str, steps: int, mu: float) -> torch.Tensor:
-    """A full schedule, as ComfyUI's calculate_sigmas gives it for Flux: fp32, ending in 0."""
+def make_sigmas(scheduler: str, steps: int, model_sampling) -> torch.Tensor:
+    """A full schedule, as ComfyUI's calculate_sigmas gives it for this model sampling: fp32, ending in 0."""
     if scheduler not in _SCHEDULER_FNS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    return _SCHEDULER_FNS[scheduler](steps, mu)
+    if isinstance(model_sampling, (int, float)):
+        raise TypeError(f"schedulers take a model sampling (e.g. FluxModelSampling({model_sampling})), "
+                        f"not the number {model_sampling}")
+    return _SCHEDULER_FNS[scheduler](steps, model_sampling)
 
 
-def ksampler_sigmas(scheduler: str, steps: int, mu: float, denoise: float | None = 1.0) -> torch.Tensor:
+def ksampler_sigmas(scheduler: str, steps: int, model_sampling, denoise: float | None = 1.0) -> torch.Tensor:
     """ComfyUI's KSampler.set_steps: denoise d < 1 schedules int(steps / d) steps and keeps the last steps + 1."""
     if denoise is None or denoise > 0.9999:
-        return make_sigmas(scheduler, steps, mu)
+        return make_sigmas(scheduler, steps, model_sampling)
     if denoise <= 0.0:
-        make_sigmas(scheduler, 1, mu)  # still reject an unknown scheduler name
+        make_sigmas(scheduler, 1, model_sampling)  # still reject an unknown scheduler name
         return torch.zeros(0, dtype=torch.float32)
-    return make_sigmas(scheduler, int(steps / denoise), mu)[-(steps + 1):]
+    return make_sigmas(scheduler, int(steps / denoise), model_sampling)[-(steps + 1):]
 
 
 def prepare_noise(shape: tuple[int, ...], seed: int, batch_index: list[int] | None = None) -> torch.Tensor:
@@ -289,11 +368,6 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     return _SAMPLER_FNS[name]
 
 
-def noise_latent(latent_model: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
-    """Flow matching (ComfyUI's CONST.noise_scaling): x_t = sigma * noise + (1 - sigma) * x0."""
-    return sigma * noise + (1.0 - sigma) * latent_model
-
-
 def prepare_mask(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """ComfyUI's reshape_mask for image latents: bilinear to the latent size, repeated over channels and batch."""
     b, c, h, w = shape
@@ -308,13 +382,13 @@ def prepare_mask(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tens
     return mask
 
 
-def inpaint_denoiser(denoise: DenoiseFn, mask: torch.Tensor, noise: torch.Tensor,
-                     latent_model: torch.Tensor) -> DenoiseFn:
+def inpaint_denoiser(denoise: DenoiseFn, mask: torch.Tensor, noise: torch.Tensor, latent_model: torch.Tensor,
+                     model_sampling) -> DenoiseFn:
     """ComfyUI's KSamplerX0Inpaint: outside the mask the model sees, and returns, the re-noised original."""
     latent_mask = 1.0 - mask
 
     def masked(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        x = x * mask + noise_latent(latent_model, noise, sigma) * latent_mask
+        x = x * mask + model_sampling.noise_scaling(sigma, noise, latent_model) * latent_mask
         return denoise(x, sigma) * mask + latent_model * latent_mask
 
     return masked
@@ -337,13 +411,26 @@ def batch_split(batch: int, parts: int) -> list[tuple[int, int]]:
 
 def _cond_rows(t, batch: int, start: int, stop: int):
     """The conditioning rows that latent items start..stop see: one row is shared, n rows repeat over the batch."""
-    if t is None or t.shape[0] == 1:
+    if not _has_batch(t) or t.shape[0] == 1:
         return t
     if t.shape[0] != batch:
         if batch % t.shape[0]:  # same verdict as the serial path, before any rank splits off
             raise ValueError(f"conditioning batch {t.shape[0]} does not divide latent batch {batch}")
         t = t.repeat(batch // t.shape[0], *([1] * (t.dim() - 1)))
     return t[start:stop]
+
+
+def _has_batch(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0
+
+
+def _check_cond(name: str, cond, batch: int) -> None:
+    """A conditioning dict whose every tensor's batch is 1 or divides the latent batch (the model repeats it)."""
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"{name} must be a conditioning dict (name -> tensor), got {type(cond).__name__}")
+    for t in cond.values():
+        if _has_batch(t) and t.shape[0] != 1 and (t.shape[0] == 0 or batch % t.shape[0]):
+            raise ValueError(f"conditioning batch {t.shape[0]} does not divide latent batch {batch}")
 
 
 def _cfg_parallel(branch: DenoiseFn, cfg: float, group) -> DenoiseFn:
@@ -368,17 +455,21 @@ def _gather_batch(x: torch.Tensor, bounds: list[tuple[int, int]], group) -> torc
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Tensor, seed: int, steps: int,
-           guidance: float | None = None, cfg: float = 1.0, negative: tuple | None = None,
+def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, seed: int, steps: int,
+           cfg: float = 1.0, negative: Mapping[str, torch.Tensor] | None = None,
            batch_index: list[int] | None = None, callback: StepCallback | None = None,
            sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
            noise_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ComfyUI's KSampler on a VAE-space LATENT; returns the VAE-space result (ComfyUI's LATENT samples).
 
-    `model` is a model adapter: latent_format, check_latent, time_shift_mu, denoiser, and optionally
-    `mesh` (a ParallelMesh). cfg > 1 runs `negative` = (context, pooled) and combines the x0
-    predictions as ComfyUI's CFG does. denoise < 1 starts from the noised `latent` part-way down the
-    schedule (img2img); `noise_mask` (LATENT's "noise_mask", 1 = repaint) keeps the rest of `latent`.
+    `model` is a model adapter: latent_format, check_latent(shape), model_sampling(shape) (a model
+    sampling such as FluxModelSampling or DiscreteFlowModelSampling), denoiser(cond, shape) (fn(x, sigma)
+    -> x0 prediction), and optionally `mesh` (a ParallelMesh) and `device`. `positive` and `negative` are
+    conditioning dicts, name -> tensor whose first dim is the conditioning batch (1, the latent batch or a
+    divisor of it); which names there are is the model family's business, never looked at here.
+    cfg != 1 also runs `negative` and combines the x0 predictions as ComfyUI's CFG does. denoise < 1
+    starts from the noised `latent` part-way down the schedule (img2img); `noise_mask` (LATENT's
+    "noise_mask", 1 = repaint) keeps the rest of `latent`.
 
     With a mesh, every rank calls this with the same arguments and gets the same full result:
     - dp degree > 1: each dp group samples a contiguous share of the batch (uneven shares allowed;
@@ -392,12 +483,16 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Ten
     run = get_sampler(sampler_name)
     shape = tuple(latent.shape)
     model.check_latent(shape)
-    sigmas = ksampler_sigmas(scheduler, steps, model.time_shift_mu(shape), denoise)
+    model_sampling = model.model_sampling(shape)
+    sigmas = ksampler_sigmas(scheduler, steps, model_sampling, denoise)
     if len(sigmas) == 0:
         return latent.clone()  # ComfyUI hands back the input latent when denoise is 0
     guided = not math.isclose(cfg, 1.0)
     if guided and negative is None:
         raise ValueError(f"cfg {cfg} needs a negative conditioning")
+    _check_cond("positive", positive, shape[0])
+    if guided:
+        _check_cond("negative", negative, shape[0])
     mesh = getattr(model, "mesh", None)
     dp, cfg_degree = _axis_size(mesh, "dp"), _axis_size(mesh, "cfg")
     # Noise is drawn on the CPU (ComfyUI's rule), then the whole loop stays on the model's device:
@@ -411,32 +506,32 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, latent: torch.Ten
     if dp > 1:
         bounds = batch_split(shape[0], dp)
         start, stop = bounds[mesh.rank("dp")]
-        context, pooled = (_cond_rows(t, shape[0], start, stop) for t in (context, pooled))
-        if negative is not None:
-            negative = tuple(_cond_rows(t, shape[0], start, stop) for t in negative)
+        positive = {k: _cond_rows(t, shape[0], start, stop) for k, t in positive.items()}
+        if guided:
+            negative = {k: _cond_rows(t, shape[0], start, stop) for k, t in negative.items()}
         noise, latent_model = noise[start:stop], latent_model[start:stop]
         mask = mask[start:stop] if mask is not None else None
     chunk = (noise.shape[0], *shape[1:])
-    x = noise_latent(latent_model, noise, sigmas[0])
+    x = model_sampling.noise_scaling(sigmas[0], noise, latent_model)
     if chunk[0] == 0:
         def denoise_fn(x, sigma):  # more dp groups than items: keep step with the others, run nothing
             return x
     elif guided and cfg_degree > 1:
-        branch = negative if mesh.rank("cfg") == 1 else (context, pooled)
-        denoise_fn = _cfg_parallel(model.denoiser(branch[0], branch[1], guidance, chunk), cfg, mesh.group("cfg"))
+        branch = negative if mesh.rank("cfg") == 1 else positive
+        denoise_fn = _cfg_parallel(model.denoiser(branch, chunk), cfg, mesh.group("cfg"))
     elif guided:
-        cond = model.denoiser(context, pooled, guidance, chunk)
-        uncond = model.denoiser(negative[0], negative[1], guidance, chunk)
+        cond = model.denoiser(positive, chunk)
+        uncond = model.denoiser(negative, chunk)
 
         def denoise_fn(x, sigma):
             u = uncond(x, sigma)
             return u + (cond(x, sigma) - u) * cfg
     else:
-        denoise_fn = model.denoiser(context, pooled, guidance, chunk)
+        denoise_fn = model.denoiser(positive, chunk)
     if mask is not None and chunk[0] > 0:
-        denoise_fn = inpaint_denoiser(denoise_fn, mask, noise, latent_model)
+        denoise_fn = inpaint_denoiser(denoise_fn, mask, noise, latent_model, model_sampling)
     x = run(denoise_fn, x, sigmas, callback)
-    x = x / (1.0 - sigmas[-1])  # CONST.inverse_noise_scaling; the last sigma is 0, so exact
+    x = model_sampling.inverse_noise_scaling(sigmas[-1], x)  # the last sigma is 0, so exact
     if dp > 1:
         x = _gather_batch(x, bounds, mesh.group("dp"))
     return model.latent_format.from_model(x)

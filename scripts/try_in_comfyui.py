@@ -37,8 +37,8 @@ def write_models(comfyui: str) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from comfy_xdit.models.flux_checkpoint import write_flux_checkpoint
-    from comfy_xdit.models.flux_random import flux_config, random_flux
+    from comfy_xdit.models.flux.checkpoint import write_flux_checkpoint
+    from comfy_xdit.models.flux.random import flux_config, random_flux
     from comfy_xdit.vae.loader import write_vae_checkpoint
 
     models = os.path.join(comfyui, "models")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from comfy_xdit.models.flux_checkpoint import write_flux_checkpoint  # noqa: F401  (re-exported for tests)
-from comfy_xdit.models.flux_random import flux_config, random_flux
+from comfy_xdit.models.flux.checkpoint import write_flux_checkpoint  # noqa: F401  (re-exported for tests)
+from comfy_xdit.models.flux.random import flux_config, random_flux
 
 
 def tiny_flux_config(**overrides) -> dict:

@@ -12,18 +12,17 @@ import time
 
 import torch
 import torch.distributed as dist
-from diffusers import FluxTransformer2DModel
 
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
-from comfy_xdit.models.flux import FLUX_LATENT, FluxModel
-from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, flux_stage_bounds
-from comfy_xdit.models.flux_checkpoint import CheckpointError, load_flux_transformer, read_flux_info
-from comfy_xdit.models.flux_controlnet import ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet
-from comfy_xdit.models.flux_lora import LoraError, LoraMerger, load_flux_lora, model_shapes
-from comfy_xdit.models.flux_random import PRESETS, flux_config, random_flux
+from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, auto_layout, block_costs, check_memory, stage_bounds
+from comfy_xdit.models.checkpoint import CheckpointError
+from comfy_xdit.models.dit import DiTModel
+from comfy_xdit.models.family import all_presets, family_for_preset, read_info
+from comfy_xdit.models.lora import LoraError, LoraMerger, model_shapes
+from comfy_xdit.imageops import fit_image
 from comfy_xdit.pipefusion import PipeFusionOptions
-from comfy_xdit.pipefusion.flux import FluxPipeFusion
+from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.vae import loader as vae_loader
 from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel_encode
@@ -64,6 +63,12 @@ def _percent(progress):
     return report
 
 
+def conditioning(tensors: dict, branch: str) -> dict:
+    """A request's conditioning dict for one branch: tensors named '<branch>.<name>' (e.g. positive.context)."""
+    prefix = branch + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise RequestError(message)
@@ -78,7 +83,7 @@ class WorkerState:
         self.rank = dist.get_rank()
         self.cancel_requested = threading.Event()  # set by rank 0's socket reader
         self.current_request = -1
-        self.models: dict[str, FluxModel] = {}
+        self.models: dict[str, DiTModel] = {}
         self.model_storage: dict[str, str] = {}  # model key -> weight_dtype it runs with ("auto" may pick fp8)
         self.mergers: dict[str, LoraMerger] = {}
         self.loras: dict[tuple, object] = {}   # (path, mtime) -> parsed LoRA, so strength changes never re-read
@@ -106,7 +111,7 @@ class WorkerState:
             for info, now in zip(self.ranks, memory):
                 info.update(now)
         return dict(world_size=self.world_size, device=self.device.type, ranks=self.ranks,
-                    models=[dict(key=k, parallel=m.mesh.config.as_dict(), variant=m.variant,
+                    models=[dict(key=k, parallel=m.mesh.config.as_dict(), family=m.family.name, variant=m.variant,
                                  loras=self._lora_names(k))
                             for k, m in self.models.items()],
                     vaes=list(self.vaes))
@@ -127,13 +132,13 @@ class WorkerState:
     def validate(self, msg: dict, tensors: dict) -> None:
         kind, args = msg["type"], msg.get("args", {})
         if kind == "load_model":
-            _require(args.get("kind", "flux") in ("flux", "vae"), "load_model kind must be 'flux' or 'vae'")
+            _require(args.get("kind", "dit") in ("dit", "vae"), "load_model kind must be 'dit' or 'vae'")
             path, preset = args.get("path"), args.get("random_preset")
             if preset is not None:  # benchmarks: full-size shapes with random weights, no file
-                _require(preset in PRESETS, f"random_preset must be one of {sorted(PRESETS)}")
+                _require(preset in all_presets(), f"random_preset must be one of {sorted(all_presets())}")
             else:
                 _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
-            dtypes = WEIGHT_STORAGE if args.get("kind", "flux") == "flux" else DTYPES
+            dtypes = DTYPES if args.get("kind") == "vae" else WEIGHT_STORAGE
             _require(args.get("dtype", "bf16") in dtypes, f"dtype must be one of {sorted(dtypes)}")
             blocks = args.get("stage_blocks")
             _require(blocks is None or (isinstance(blocks, list) and all(isinstance(n, int) for n in blocks)),
@@ -145,8 +150,9 @@ class WorkerState:
                     raise RequestError(str(e)) from e
         elif kind == "sample":
             _require(args.get("model_key") in self.models, f"model {args.get('model_key')!r} is not loaded")
-            for name, ndim in (("context", 3), ("pooled", 2), ("latent", 4)):
+            for name, ndim in (("positive.context", 3), ("latent", 4)):
                 _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
+            _require(args.get("shift") is None or float(args["shift"]) > 0, "shift must be a positive number")
             _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
             _require(isinstance(args.get("seed"), int), "seed must be an integer")
             _require(args.get("sampler_name", "euler") in SAMPLERS, f"sampler_name must be one of {list(SAMPLERS)}")
@@ -203,19 +209,20 @@ class WorkerState:
         if key not in self.models:
             compute, fp8 = WEIGHT_STORAGE[dtype]
             if args.get("random_preset"):
-                config, info = flux_config(args["random_preset"]), None
+                family = family_for_preset(args["random_preset"])
+                config, info = family.preset_config(args["random_preset"]), None
             else:
-                try:  # header only: the layout, memory check and stage come before any weight is read
-                    info = read_flux_info(args["path"])
+                try:  # header only: the family, layout, memory check and stage come before any weight is read
+                    family, info = read_info(args["path"])
                 except CheckpointError as e:  # same file, same verdict on every rank
                     raise RequestError(str(e)) from e
                 config = info.config
-            heads = config["num_attention_heads"]
+            heads = family.num_heads(config)
             try:
                 if args.get("parallel"):
                     parallel = ParallelConfig(**args["parallel"])
                 elif self.device.type == "cuda":  # auto: the fastest layout that fits (fp8 only if none does)
-                    parallel, dtype = auto_layout(config, self.world_size, dtype, *self._fullest_gpu())
+                    parallel, dtype = auto_layout(family, config, self.world_size, dtype, *self._fullest_gpu())
                     compute, fp8 = WEIGHT_STORAGE[dtype]
                 else:
                     parallel = ParallelConfig.for_sequence_parallel(self.world_size, heads)
@@ -233,32 +240,32 @@ class WorkerState:
                                                 warmup_steps=int(args.get("warmup_steps", 1)),
                                                 stage_blocks=tuple(int(n) for n in stage_blocks) if stage_blocks
                                                 else None)
-                    options.validate(parallel.pipefusion_degree, config["num_layers"] + config["num_single_layers"])
+                    options.validate(parallel.pipefusion_degree, len(block_costs(family, config)))
                 except ValueError as e:
                     raise RequestError(str(e)) from e
-                bounds = flux_stage_bounds(config, parallel.pipefusion_degree, options.stage_blocks)
+                bounds = stage_bounds(family, config, parallel.pipefusion_degree, options.stage_blocks)
                 stage = bounds[mesh.rank("pp")]
             if self.device.type == "cuda":
-                self._check_memory(config, parallel, dtype, bounds if pipefusion else None)
+                self._check_memory(family, config, parallel, dtype, bounds if pipefusion else None)
             if info is None:
-                transformer = random_flux(config, seed=0, dtype=compute, device=self.device, fp8=fp8, stage=stage)
+                transformer = family.random(config, seed=0, dtype=compute, device=self.device, fp8=fp8, stage=stage)
             else:
                 try:
-                    transformer, info = load_flux_transformer(args["path"], dtype=compute, device=self.device,
-                                                              fp8=fp8, stage=stage, progress=_percent(progress))
+                    transformer, info = family.load(args["path"], dtype=compute, device=self.device, fp8=fp8,
+                                                    stage=stage, progress=_percent(progress))
                 except CheckpointError as e:
                     raise RequestError(str(e)) from e
-            model = FluxModel(transformer, mesh, args.get("attention_kernel"), info)
+            model = DiTModel(family, transformer, mesh, args.get("attention_kernel"), info)
             if args.get("compile"):
                 model.compile_blocks()
             if pipefusion:
                 try:
-                    model = FluxPipeFusion(model, options)
+                    model = PipeFusionModel(model, options)
                 except ValueError as e:
                     raise RequestError(str(e)) from e
             self.models[key], self.model_storage[key] = model, dtype
         model = self.models[key]
-        return dict(model_key=key, variant=model.variant, parallel=model.mesh.config.as_dict(),
+        return dict(model_key=key, family=model.family.name, variant=model.variant, parallel=model.mesh.config.as_dict(),
                     weight_dtype=self.model_storage[key],
                     config={k: v for k, v in model.config.items() if not k.startswith("_")})
 
@@ -269,12 +276,12 @@ class WorkerState:
         fullest = min(range(self.world_size), key=lambda r: int(free[r]))
         return int(free[fullest]), self.ranks[fullest]["device"]
 
-    def _check_memory(self, config: dict, parallel: ParallelConfig, dtype: str, stage_bounds=None) -> None:
+    def _check_memory(self, family, config: dict, parallel: ParallelConfig, dtype: str, bounds=None) -> None:
         """Refuse, before any weight is read, a layout that does not fit the GPU with the least free memory
         (weights plus the activations of one 1024x1024 image)."""
         try:
-            check_flux_memory(config, parallel, dtype, *self._fullest_gpu(), image_size=(1024, 1024),
-                              stage_bounds=stage_bounds)
+            check_memory(family, config, parallel, dtype, *self._fullest_gpu(), image_size=(1024, 1024),
+                         explicit_bounds=bounds)
         except NotEnoughMemory as e:
             loaded = f" ({len(self.models)} other model(s) loaded: unload them to free memory)" if self.models else ""
             raise RequestError(str(e) + loaded, kind="memory") from e
@@ -344,7 +351,7 @@ class WorkerState:
             lora_id = (os.path.abspath(path), os.path.getmtime(path))
             if lora_id not in self.loras:
                 try:
-                    self.loras[lora_id] = load_flux_lora(path, self._whole_shapes(key))
+                    self.loras[lora_id] = model.family.load_lora(path, self._whole_shapes(key))
                 except (LoraError, CheckpointError) as e:  # same file, same verdict on every rank
                     raise RequestError(str(e)) from e
             parsed.append((lora_id, self.loras[lora_id], float(strength)))
@@ -359,15 +366,16 @@ class WorkerState:
     def _whole_shapes(self, key: str) -> dict:
         """Parameter shapes of the whole transformer, also where this rank holds one PipeFusion stage of it:
         a LoRA is checked against every block, wherever the block lives."""
-        with torch.device("meta"):
-            return model_shapes(FluxTransformer2DModel.from_config(self.models[key].transformer.config))
+        model = self.models[key]
+        return model_shapes(model.family.meta_model(model.config))
 
-    def _control(self, model: FluxModel, control: dict, image: torch.Tensor, latent_shape: tuple) -> FluxControl:
-        """A FluxControl from a request: ControlNet cached per file and dtype; InstantX/Union hints VAE-encoded here."""
+    def _control(self, model, control: dict, image: torch.Tensor, latent_shape: tuple) -> dict:
+        """One ControlNet of a request as the family's with_controls takes it: cached per file and dtype;
+        hints that are latents are VAE-encoded here."""
         key = f"{os.path.abspath(control['path'])}|{model.dtype}"
         if key not in self.controlnets:
             try:
-                self.controlnets[key] = load_flux_controlnet(control["path"], dtype=model.dtype, device=self.device)
+                self.controlnets[key] = model.family.load_controlnet(control["path"], model.dtype, self.device)
             except CheckpointError as e:
                 raise RequestError(str(e)) from e
         controlnet, info = self.controlnets[key]
@@ -382,10 +390,10 @@ class WorkerState:
             h, w = latent_shape[-2:]
             pixels = fit_image(image.movedim(-1, 1).float(), h * 8, w * 8).movedim(1, -1)
             with torch.inference_mode():
-                hint = FLUX_LATENT.to_model(vae_loader.encode(vae, pixels.to(self.device)))
-        return FluxControl(controlnet, info, hint, strength=float(control.get("strength", 1.0)),
-                           start_percent=float(control.get("start_percent", 0.0)),
-                           end_percent=float(control.get("end_percent", 1.0)), mode=control.get("mode"))
+                hint = model.latent_format.to_model(vae_loader.encode(vae, pixels.to(self.device)))
+        return dict(controlnet=controlnet, info=info, hint=hint, strength=float(control.get("strength", 1.0)),
+                    start_percent=float(control.get("start_percent", 0.0)),
+                    end_percent=float(control.get("end_percent", 1.0)), mode=control.get("mode"))
 
     def _unload(self, key: str | None) -> dict:
         keys = list(self.models) + list(self.vaes) if key is None else [key]
@@ -416,23 +424,27 @@ class WorkerState:
 
     def _sample(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
         model = self.models[args["model_key"]]
+        model.shift = None if args.get("shift") is None else float(args["shift"])  # a ModelSampling* override
+        positive, negative = conditioning(tensors, "positive"), conditioning(tensors, "negative") or None
         try:
             model.check_latent(tuple(tensors["latent"].shape))
-            for name in ("context", "negative_context"):
-                if name in tensors:
-                    model.check_text(tensors[name].shape[1])
+            for cond in (positive, negative):
+                if cond is not None:
+                    model.check_conditioning(cond)
         except ValueError as e:
             raise RequestError(str(e)) from e
         start, deadline = time.time(), args.get("deadline")
-        negative = (tensors["negative_context"], tensors["negative_pooled"]) if "negative_context" in tensors else None
         self._apply_loras(args["model_key"], args.get("loras") or [])
         if args.get("controls"):
             _require(model.mesh.config.pipefusion_degree == 1 or model.mesh.sp_degree == 1,
                      "ControlNets with pipefusion need ring_degree = ulysses_degree = 1 (pipefusion alone, "
                      "or with cfg/data parallel)")
-            model = ControlledFluxModel(model, [self._control(model, c, tensors[f"control_image_{i}"],
-                                                              tuple(tensors["latent"].shape))
-                                                for i, c in enumerate(args["controls"])])
+            try:
+                model = model.family.with_controls(model, [self._control(model, c, tensors[f"control_image_{i}"],
+                                                                         tuple(tensors["latent"].shape))
+                                                           for i, c in enumerate(args["controls"])])
+            except ValueError as e:
+                raise RequestError(str(e)) from e
 
         def on_step(step: int, total: int, denoised: torch.Tensor) -> None:
             if args.get("fail_on_rank") == self.rank and step == args.get("fail_at_step", 1):
@@ -444,10 +456,10 @@ class WorkerState:
         self._step_sync(deadline)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        samples = sample(model, tensors["context"], tensors["pooled"], tensors["latent"], seed=args["seed"],
-                         steps=args["steps"], guidance=args.get("guidance"), cfg=float(args.get("cfg", 1.0)),
-                         negative=negative, batch_index=args.get("batch_index"), callback=on_step,
-                         sampler_name=args.get("sampler_name", "euler"), scheduler=args.get("scheduler", "simple"),
-                         denoise=float(args.get("denoise", 1.0)), noise_mask=tensors.get("noise_mask"))
+        samples = sample(model, positive, tensors["latent"], seed=args["seed"], steps=args["steps"],
+                         cfg=float(args.get("cfg", 1.0)), negative=negative, batch_index=args.get("batch_index"),
+                         callback=on_step, sampler_name=args.get("sampler_name", "euler"),
+                         scheduler=args.get("scheduler", "simple"), denoise=float(args.get("denoise", 1.0)),
+                         noise_mask=tensors.get("noise_mask"))
         samples = samples.float().cpu()  # waits for the GPU, so elapsed covers the whole denoise
         return dict(elapsed=time.time() - start, **self._peak_memory()), {"samples": samples}

@@ -9,11 +9,13 @@ Every rank holds a contiguous shard of the joint sequence. Two ways to hold the 
   sequence-parallel degree). Text K/V then joins only the first, local ring step so it
   is counted once, and the text queries ride along every ring step with their partial
   (out, lse) merged here; their head slices are gathered over the Ulysses group.
+
+Cross-attention (Wan, PixArt, HunyuanDiT: image/video queries, text K/V that every rank holds
+whole) takes USPAttention.cross: only Q and the output cross the Ulysses group, and each rank
+slices its head range of the replicated K/V itself.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,6 @@ from yunchang.hybrid.utils import RING_IMPL_DICT
 from yunchang.ring.utils import update_out_and_lse
 
 from .kernels import Kernel
-
-FUSED_QKV_ENV = "CXD_FUSED_QKV"  # "0": three all-to-alls as yunchang sends them (for A/B timing)
 
 
 class _ExplicitGroupAttention(LongContextAttention):
@@ -42,31 +42,33 @@ class _ExplicitGroupAttention(LongContextAttention):
         self.scatter_idx = 2
         self.gather_idx = 1
         self.ring_attn_fn = RING_IMPL_DICT["basic"]
-        self.fuse_qkv = os.environ.get(FUSED_QKV_ENV, "1") != "0"
 
     def forward(self, query, key, value, softmax_scale=None):
-        if not (self.fuse_qkv and query.shape == key.shape == value.shape and dist.get_world_size(self.ulysses_pg) > 1):
+        # One all-to-all for Q, K and V needs one shape for all three; with one Ulysses rank there is none to send.
+        if not (query.shape == key.shape == value.shape and dist.get_world_size(self.ulysses_pg) > 1):
             return super().forward(query, key, value, softmax_scale=softmax_scale)
-        q, k, v = _qkv_all_to_all(query, key, value, self.ulysses_pg)
+        q, k, v = _heads_all_to_all(query, key, value, group=self.ulysses_pg)
         out = self.ring_attn_fn(q, k, v, softmax_scale=softmax_scale, causal=False, group=self.ring_pg,
                                 attn_type=None, attn_processor=self.attn_processor)
         out = out[0] if isinstance(out, tuple) else out
         return SeqAllToAll4D.apply(self.ulysses_pg, out, self.gather_idx, self.scatter_idx, False)
 
 
-def _qkv_all_to_all(q, k, v, group: dist.ProcessGroup):
-    """One all-to-all for Q, K and V (yunchang sends three): [b, s/P, h, d] each -> [b, s, h/P, d] each.
+def _heads_all_to_all(*tensors, group: dist.ProcessGroup):
+    """One all-to-all for any number of same-shape tensors (Q, K and V: yunchang sends three; Q alone for
+    cross-attention): [b, s/P, h, d] each -> [b, s, h/P, d] each.
 
-    Packed as [P, s/P, 3, b, h/P, d], so one copy in; the received buffer has the same layout and
-    each of Q/K/V is a strided view of it (rows 3 apart), with no copy out. Functional collectives,
+    Packed as [P, s/P, n, b, h/P, d], so one copy in; the received buffer has the same layout and
+    each tensor is a strided view of it (rows n apart), with no copy out. Functional collectives,
     so torch.compile keeps it inside a block's graph.
     """
     p = dist.get_world_size(group)
-    b, s, h, d = q.shape
-    send = torch.stack([t.reshape(b, s, p, h // p, d).permute(2, 1, 0, 3, 4) for t in (q, k, v)], dim=2)
+    b, s, h, d = tensors[0].shape
+    n = len(tensors)
+    send = torch.stack([t.reshape(b, s, p, h // p, d).permute(2, 1, 0, 3, 4) for t in tensors], dim=2)
     recv = funcol.wait_tensor(funcol.all_to_all_single(send.contiguous(), None, None, group))
-    recv = recv.view(p * s, 3, b, h // p, d)  # [P, s/P] -> full sequence: shard-major, as yunchang orders it
-    return tuple(recv[:, i].transpose(0, 1) for i in range(3))
+    recv = recv.view(p * s, n, b, h // p, d)  # [P, s/P] -> full sequence: shard-major, as yunchang orders it
+    return tuple(recv[:, i].transpose(0, 1) for i in range(n))
 
 
 def _out_all_to_all(out, group: dist.ProcessGroup):
@@ -119,8 +121,26 @@ class USPAttention:
     def _ulysses(self, q, k, v, softmax_scale):
         """Ulysses alone: all-to-all, one kernel call, all-to-all; no ring merge. Traceable, so a compiled
         block is one graph (the collectives are functional, the kernel an aten op)."""
-        q, k, v = _qkv_all_to_all(q, k, v, self.ulysses_group)
+        q, k, v = _heads_all_to_all(q, k, v, group=self.ulysses_group)
         out, _ = self.kernel(q, k, v, softmax_scale=softmax_scale, need_lse=False)  # no ring merge: no LSE
+        return _out_all_to_all(out, self.ulysses_group)
+
+    def cross(self, q, k, v, softmax_scale=None):
+        """Cross-attention of sharded queries to replicated K/V.
+
+        q: [batch, seq_local, heads, head_dim], this rank's shard of the query tokens; k/v:
+        [batch, text_len, heads, head_dim], whole on every rank. Returns q's layout. Only Q and the
+        output cross the Ulysses group; K/V never do (each rank already holds them all, so it slices
+        the head range its Q all-to-all brought it). No ring: every ring rank holds all of K/V, so it
+        attends locally. Traceable like _ulysses.
+        """
+        if self.ulysses_degree == 1:
+            return self.kernel(q, k, v, softmax_scale=softmax_scale, need_lse=False)[0]
+        (q,) = _heads_all_to_all(q, group=self.ulysses_group)
+        heads = q.shape[2]  # this rank's head count after the all-to-all: heads / ulysses degree
+        h0 = self.ulysses_rank * heads  # the all-to-all sends head chunk r to Ulysses rank r
+        out, _ = self.kernel(q, k[:, :, h0:h0 + heads], v[:, :, h0:h0 + heads], softmax_scale=softmax_scale,
+                             need_lse=False)
         return _out_all_to_all(out, self.ulysses_group)
 
     @torch.compiler.disable  # collectives and the ring loop stay eager inside compiled blocks

@@ -23,19 +23,22 @@ class PatchWindow:
     stop: int = 0
     full: bool = True
     cache: dict = field(default_factory=dict)
+    text_len: int = 0  # text tokens leading the rank's joint sequence (image-only layers' buffers skip them)
 
 
 class StaleKVAttention:
     """Attention callable with the USP signature (q, k, v [b, s, h, d] -> out [b, s, h, d]) for one layer.
 
     attend: the attention over (patch Q, whole buffer K/V); USP attention when the stage is sequence
-    parallel (each rank's buffer then holds its slice of every patch), else plain SDPA.
+    parallel (each rank's buffer then holds its slice of every patch), else plain SDPA. image_only: the
+    layer attends over image tokens alone (SD3.5's attn2), so its buffer is the image part of the sequence.
     """
 
-    def __init__(self, window: PatchWindow, layer: int, attend=None):
+    def __init__(self, window: PatchWindow, layer: int, attend=None, image_only: bool = False):
         self.window = window
         self.layer = layer
         self.attend = attend
+        self.image_only = image_only
 
     @torch.compiler.disable  # writes into the shared buffer: eager between a compiled block's graphs
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, replicated_text_len: int = 0):
@@ -48,8 +51,11 @@ class StaleKVAttention:
             if self.layer not in w.cache:
                 raise RuntimeError("patched PipeFusion step without a filled K/V buffer: warmup_steps must be >= 1")
             keys, values = w.cache[self.layer]
-            keys[:, w.start:w.stop] = k
-            values[:, w.start:w.stop] = v
+            start, stop = w.start, w.stop
+            if self.image_only:  # the patch's image tokens only (the first patch leads with the text)
+                start, stop = max(start, w.text_len) - w.text_len, stop - w.text_len
+            keys[:, start:stop] = k
+            values[:, start:stop] = v
         if self.attend is not None:
             return self.attend(q, keys, values)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))

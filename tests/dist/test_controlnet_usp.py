@@ -18,7 +18,7 @@ from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel
 from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.flux import FluxPipeFusion
-from comfy_xdit.models.flux_controlnet import (ControlledFluxModel, FluxControl, load_flux_controlnet,
+from comfy_xdit.models.flux.controlnet import (ControlledFluxModel, FluxControl, load_flux_controlnet,
                                                random_flux_controlnet, write_flux_controlnet)
 from comfy_xdit.sampling import sample
 from comfy_xdit.spmd import run_spmd

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from comfy_xdit.config import ParallelConfig  # noqa: E402
 from comfy_xdit.memory import GB, TEXT_TOKENS, estimate_flux_memory  # noqa: E402
 from comfy_xdit.models.flux import FluxModel, image_ids  # noqa: E402
-from comfy_xdit.models.flux_checkpoint import store_blocks_fp8  # noqa: E402
-from comfy_xdit.models.flux_random import flux_config, random_flux  # noqa: E402
+from comfy_xdit.models.flux.checkpoint import store_blocks_fp8  # noqa: E402
+from comfy_xdit.models.flux.random import flux_config, random_flux  # noqa: E402
 
 
 def emit(**record):

@@ -51,8 +51,8 @@ from comfy_xdit.attention.kernels import get_kernel  # noqa: E402
 from comfy_xdit.config import ParallelConfig  # noqa: E402
 from comfy_xdit.mesh import build_mesh  # noqa: E402
 from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents  # noqa: E402
-from comfy_xdit.models.flux_checkpoint import load_flux_transformer, write_flux_checkpoint  # noqa: E402
-from comfy_xdit.models.flux_random import flux_config, random_flux  # noqa: E402
+from comfy_xdit.models.flux.checkpoint import load_flux_transformer, write_flux_checkpoint  # noqa: E402
+from comfy_xdit.models.flux.random import flux_config, random_flux  # noqa: E402
 from comfy_xdit.sampling import sample  # noqa: E402
 from comfy_xdit.spmd import run_spmd  # noqa: E402
 

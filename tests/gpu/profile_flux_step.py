@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from comfy_xdit.config import ParallelConfig  # noqa: E402
 from comfy_xdit.mesh import build_mesh  # noqa: E402
 from comfy_xdit.models.flux import FluxModel  # noqa: E402
-from comfy_xdit.models.flux_random import flux_config, random_flux  # noqa: E402
+from comfy_xdit.models.flux.random import flux_config, random_flux  # noqa: E402
 from comfy_xdit.spmd import run_spmd  # noqa: E402
 from tests.gpu.check_usp_cuda import _time_forward, _timing_inputs  # noqa: E402  (also turns NVLink multicast off)
 

@@ -197,7 +197,7 @@ def test_first_estimate_comes_from_the_checkpoint_header(env, tmp_path):
     """A readable Flux file is sized by memory.py from its header: fp8 storage and PipeFusion stages count."""
     from comfy_xdit.config import ParallelConfig
     from comfy_xdit.memory import estimate_flux_memory
-    from comfy_xdit.models.flux_checkpoint import read_flux_info
+    from comfy_xdit.models.flux.checkpoint import read_flux_info
     from tests.flux_tiny import tiny_checkpoint
 
     pack, state, _, client = env

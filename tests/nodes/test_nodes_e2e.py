@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 import fake_comfy
 from comfy_xdit.models.flux import FluxModel
-from comfy_xdit.models.flux_checkpoint import diffusers_to_bfl, write_flux_checkpoint
-from comfy_xdit.models.flux_controlnet import random_flux_controlnet, write_flux_controlnet
-from comfy_xdit.models.flux_random import flux_config, random_flux
+from comfy_xdit.models.flux.checkpoint import diffusers_to_bfl, write_flux_checkpoint
+from comfy_xdit.models.flux.controlnet import random_flux_controlnet, write_flux_controlnet
+from comfy_xdit.models.flux.random import flux_config, random_flux
 from comfy_xdit.sampling import sample
 from comfy_xdit.vae.loader import write_vae_checkpoint
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_xdit.models.flux import FluxModel
-from comfy_xdit.models.flux_checkpoint import load_flux_transformer
+from comfy_xdit.models.flux.checkpoint import load_flux_transformer
 from comfy_xdit.pool.controller import PoolOptions, RequestFailed, WorkerPool
 from comfy_xdit.sampling import sample
 from tests.flux_tiny import make_tiny_flux, rel_err, write_flux_checkpoint

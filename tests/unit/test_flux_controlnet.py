@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents, unpack_latents
-from comfy_xdit.models.flux_checkpoint import CheckpointError
-from comfy_xdit.models.flux_controlnet import (ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet,
+from comfy_xdit.models.flux.checkpoint import CheckpointError
+from comfy_xdit.models.flux.controlnet import (ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet,
                                                random_flux_controlnet, write_flux_controlnet)
 from comfy_xdit.sampling import FluxModelSampling
 from tests.flux_tiny import make_tiny_flux, tiny_flux_config, write_flux_checkpoint

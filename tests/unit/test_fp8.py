@@ -9,8 +9,8 @@ import random
 
 import torch
 
-from comfy_xdit.models.flux_checkpoint import load_flux_transformer, read_state_dict, store_blocks_fp8
-from comfy_xdit.models.flux_lora import FluxLora, LoraMerger, LoraPatch
+from comfy_xdit.models.flux.checkpoint import load_flux_transformer, read_state_dict, store_blocks_fp8
+from comfy_xdit.models.flux.lora import FluxLora, LoraMerger, LoraPatch
 from comfy_xdit.models.fp8 import FP8, Fp8Linear
 from tests.flux_tiny import make_tiny_flux, rel_err, write_flux_checkpoint
 

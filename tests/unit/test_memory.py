@@ -15,8 +15,8 @@ from comfy_xdit.config import ParallelConfig
 from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, estimate_flux_memory,
                                flux_stage_bounds)
 from comfy_xdit.models.checkpoint import read_header
-from comfy_xdit.models.flux_checkpoint import keep_stage, load_flux_transformer, store_blocks_fp8
-from comfy_xdit.models.flux_random import flux_config, random_flux
+from comfy_xdit.models.flux.checkpoint import keep_stage, load_flux_transformer, store_blocks_fp8
+from comfy_xdit.models.flux.random import flux_config, random_flux
 from comfy_xdit.pipefusion import stage_ranges
 from comfy_xdit.pipefusion.flux import FluxStage, flux_block_costs
 from tests.flux_tiny import tiny_checkpoint

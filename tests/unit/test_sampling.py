@@ -3,22 +3,26 @@ import math
 import pytest
 import torch
 
-from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, LatentFormat, beta_ppf, flux_shift_mu, get_sampler,
-                                 ksampler_sigmas, make_sigmas, prepare_mask, prepare_noise, sample, sample_dpmpp_2m,
-                                 sample_euler, simple_sigmas)
+from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, FluxModelSampling, LatentFormat, beta_ppf, flux_shift_mu,
+                                 get_sampler, ksampler_sigmas, make_sigmas, prepare_mask, prepare_noise, sample,
+                                 sample_dpmpp_2m, sample_euler, simple_sigmas)
+
+
+def flux(mu):
+    return FluxModelSampling(mu)
 
 
 def test_simple_schedule_matches_comfyui_1024px_4_steps():
     mu = flux_shift_mu((1024 // 16) * (1024 // 16))
     assert mu == pytest.approx(1.15)
-    sigmas = simple_sigmas(4, mu)
+    sigmas = simple_sigmas(4, flux(mu))
     assert sigmas.tolist() == pytest.approx([1.0, 0.9045, 0.7595, 0.5128, 0.0], abs=5e-5)
 
 
 def test_simple_schedule_picks_from_the_table():
     # 10000-entry table sigma(t_i), t_i = i/10000; step j takes entry -(1 + int(j * 10000 / steps))
     mu, steps = 0.8, 7
-    sigmas = simple_sigmas(steps, mu)
+    sigmas = simple_sigmas(steps, flux(mu))
     for j in range(steps):
         t = (10000 - int(j * 10000 / steps)) / 10000
         assert float(sigmas[j]) == pytest.approx(math.exp(mu) / (math.exp(mu) + 1 / t - 1), rel=1e-6)
@@ -53,7 +57,7 @@ def test_latent_format_round_trip():
 def test_euler_integrates_a_linear_flow_exactly():
     # With a perfect x0 predictor the flow x_t = t*noise + (1-t)*x0 is straight, so Euler lands on x0.
     x0, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
-    sigmas = simple_sigmas(5, 1.0)
+    sigmas = simple_sigmas(5, flux(1.0))
     seen = []
     out = sample_euler(lambda x, s: x0, noise, sigmas, callback=lambda i, n, d: seen.append((i, n)))
     assert torch.allclose(out, x0, atol=1e-5)
@@ -65,7 +69,7 @@ def test_scheduler_and_sampler_names():
     assert SAMPLERS == ("euler", "dpmpp_2m")
     assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
     with pytest.raises(ValueError, match="simple, normal, sgm_uniform, beta"):
-        make_sigmas("karras", 4, 1.0)
+        make_sigmas("karras", 4, flux(1.0))
     with pytest.raises(ValueError, match="euler, dpmpp_2m"):
         get_sampler("heun")
 
@@ -73,7 +77,7 @@ def test_scheduler_and_sampler_names():
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("steps", [1, 2, 5, 28, 100])
 def test_every_schedule_starts_at_1_ends_at_0_and_decreases(scheduler, steps):
-    sigmas = make_sigmas(scheduler, steps, 1.15)
+    sigmas = make_sigmas(scheduler, steps, flux(1.15))
     assert sigmas.dtype == torch.float32
     assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
     assert torch.all(sigmas[1:] < sigmas[:-1])
@@ -88,9 +92,9 @@ def test_normal_shifts_linearly_spaced_sigmas_again():
     smallest = math.exp(mu) / (math.exp(mu) + 1 / 1e-4 - 1)
     ts = torch.linspace(1.0, smallest, steps).double()
     expected = math.exp(mu) / (math.exp(mu) + 1 / ts - 1)
-    assert make_sigmas("normal", steps, mu)[:-1].double().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
-    sgm = make_sigmas("sgm_uniform", steps, mu)
-    assert len(sgm) == steps + 1 and float(sgm[-2]) > float(make_sigmas("normal", steps, mu)[-2])
+    assert make_sigmas("normal", steps, flux(mu))[:-1].double().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    sgm = make_sigmas("sgm_uniform", steps, flux(mu))
+    assert len(sgm) == steps + 1 and float(sgm[-2]) > float(make_sigmas("normal", steps, flux(mu))[-2])
 
 
 def test_beta_ppf_matches_scipy():
@@ -107,21 +111,21 @@ def test_beta_ppf_matches_scipy():
 def test_beta_schedule_at_an_even_step_count_takes_the_median_entry():
     # 0.5 * 9999 = 4999.5 rounds half-to-even to 5000 (scipy's ppf(0.5) is 0.5 or one ulp above)
     table_mid = math.exp(1.0) / (math.exp(1.0) + 1 / 0.5001 - 1)
-    assert float(make_sigmas("beta", 2, 1.0)[1]) == pytest.approx(table_mid, rel=1e-6)
+    assert float(make_sigmas("beta", 2, flux(1.0))[1]) == pytest.approx(table_mid, rel=1e-6)
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_denoise_keeps_the_tail_of_a_longer_schedule(scheduler):
-    full = make_sigmas(scheduler, int(20 / 0.6), 1.15)
-    assert torch.equal(ksampler_sigmas(scheduler, 20, 1.15, 0.6), full[-21:])
-    assert torch.equal(ksampler_sigmas(scheduler, 20, 1.15, 0.99995), make_sigmas(scheduler, 20, 1.15))
-    assert len(ksampler_sigmas(scheduler, 20, 1.15, 0.0)) == 0
+    full = make_sigmas(scheduler, int(20 / 0.6), flux(1.15))
+    assert torch.equal(ksampler_sigmas(scheduler, 20, flux(1.15), 0.6), full[-21:])
+    assert torch.equal(ksampler_sigmas(scheduler, 20, flux(1.15), 0.99995), make_sigmas(scheduler, 20, flux(1.15)))
+    assert len(ksampler_sigmas(scheduler, 20, flux(1.15), 0.0)) == 0
 
 
 def test_dpmpp_2m_integrates_a_linear_flow_exactly():
     x0, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     seen = []
-    out = sample_dpmpp_2m(lambda x, s: x0, noise, make_sigmas("beta", 6, 1.0),
+    out = sample_dpmpp_2m(lambda x, s: x0, noise, make_sigmas("beta", 6, flux(1.0)),
                           callback=lambda i, n, d: seen.append((i, n)))
     assert torch.allclose(out, x0, atol=1e-5)
     assert seen == [(i, 6) for i in range(1, 7)]
@@ -154,10 +158,10 @@ class _ToyFlux:
     def check_latent(self, shape):
         pass
 
-    def time_shift_mu(self, shape):
-        return 1.15
+    def model_sampling(self, shape):
+        return FluxModelSampling(1.15)
 
-    def denoiser(self, context, pooled, guidance, shape):
+    def denoiser(self, cond, shape):
         def denoise(x, sigma):
             self.seen.append((x.clone(), sigma))
             # the mean term couples positions, so what is kept steers what is repainted
@@ -172,7 +176,7 @@ def _latent():
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 def test_mask_of_zeros_keeps_the_input_latent(sampler_name):
     latent = _latent()
-    out = sample(_ToyFlux(), None, None, latent, 3, 6, sampler_name=sampler_name, scheduler="beta",
+    out = sample(_ToyFlux(), {}, latent, 3, 6, sampler_name=sampler_name, scheduler="beta",
                  denoise=0.7, noise_mask=torch.zeros(1, 1, 32, 48))
     torch.testing.assert_close(out, latent, rtol=0, atol=2e-6)  # exact up to the fp32 round trip
 
@@ -181,8 +185,8 @@ def test_mask_of_zeros_keeps_the_input_latent(sampler_name):
 def test_mask_of_ones_equals_the_unmasked_run(sampler_name):
     latent = _latent()
     kw = dict(sampler_name=sampler_name, scheduler="normal", denoise=0.6)
-    plain = sample(_ToyFlux(), None, None, latent, 3, 5, **kw)
-    masked = sample(_ToyFlux(), None, None, latent, 3, 5, noise_mask=torch.ones(4, 6), **kw)
+    plain = sample(_ToyFlux(), {}, latent, 3, 5, **kw)
+    masked = sample(_ToyFlux(), {}, latent, 3, 5, noise_mask=torch.ones(4, 6), **kw)
     assert torch.equal(plain, masked)
 
 
@@ -190,16 +194,16 @@ def test_half_mask_repaints_only_the_masked_side():
     latent = _latent()
     mask = torch.zeros(4, 6)
     mask[:, 3:] = 1.0
-    out = sample(_ToyFlux(), None, None, latent, 3, 4, noise_mask=mask)
-    plain = sample(_ToyFlux(), None, None, latent, 3, 4)
+    out = sample(_ToyFlux(), {}, latent, 3, 4, noise_mask=mask)
+    plain = sample(_ToyFlux(), {}, latent, 3, 4)
     torch.testing.assert_close(out[..., :3], latent[..., :3], rtol=0, atol=2e-6)
     assert not torch.allclose(out[..., 3:], latent[..., 3:]) and not torch.allclose(out[..., 3:], plain[..., 3:])
 
 
 def test_img2img_starts_from_the_noised_latent():
     latent, model = _latent(), _ToyFlux()
-    sample(model, None, None, latent, 9, 4, denoise=0.6)
-    sigmas = ksampler_sigmas("simple", 4, 1.15, 0.6)
+    sample(model, {}, latent, 9, 4, denoise=0.6)
+    sigmas = ksampler_sigmas("simple", 4, flux(1.15), 0.6)
     noise = prepare_noise(tuple(latent.shape), 9)
     start = sigmas[0] * noise + (1.0 - sigmas[0]) * model.latent_format.to_model(latent)
     assert len(model.seen) == 4 and model.seen[0][1] == float(sigmas[0]) < 1.0
@@ -208,16 +212,16 @@ def test_img2img_starts_from_the_noised_latent():
 
 def test_empty_latent_is_not_shifted_into_model_space():
     # ComfyUI skips process_latent_in for an all-zero latent, so kept regions come back as the shift.
-    out = sample(_ToyFlux(), None, None, torch.zeros(1, 16, 4, 6), 3, 4, denoise=0.5,
+    out = sample(_ToyFlux(), {}, torch.zeros(1, 16, 4, 6), 3, 4, denoise=0.5,
                  noise_mask=torch.zeros(4, 6))
     torch.testing.assert_close(out, torch.full_like(out, 0.1159), rtol=0, atol=2e-6)
 
 
 def test_denoise_zero_returns_the_input_and_unknown_names_raise():
     latent = _latent()
-    out = sample(_ToyFlux(), None, None, latent, 3, 4, denoise=0.0)
+    out = sample(_ToyFlux(), {}, latent, 3, 4, denoise=0.0)
     assert torch.equal(out, latent) and out is not latent
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample(_ToyFlux(), None, None, latent, 3, 4, sampler_name="lms")
+        sample(_ToyFlux(), {}, latent, 3, 4, sampler_name="lms")
     with pytest.raises(ValueError, match="unknown scheduler"):
-        sample(_ToyFlux(), None, None, latent, 3, 4, scheduler="karras")
+        sample(_ToyFlux(), {}, latent, 3, 4, scheduler="karras")

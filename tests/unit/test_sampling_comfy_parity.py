@@ -9,7 +9,7 @@ prepare_mask and the Flux latent format, all driven by the toy denoiser below.
 import pytest
 import torch
 
-from comfy_xdit.sampling import LatentFormat, get_sampler, ksampler_sigmas, make_sigmas, sample
+from comfy_xdit.sampling import FluxModelSampling, LatentFormat, get_sampler, ksampler_sigmas, make_sigmas, sample
 
 FLUX_FORMAT = LatentFormat(16, 0.3611, 0.1159)
 
@@ -317,10 +317,10 @@ class ToyFlux:
     def check_latent(self, shape):
         pass
 
-    def time_shift_mu(self, shape):
-        return self.mu
+    def model_sampling(self, shape):
+        return FluxModelSampling(self.mu)
 
-    def denoiser(self, context, pooled, guidance, shape):
+    def denoiser(self, cond, shape):
         return toy_denoiser
 
 
@@ -340,13 +340,13 @@ def _mask(name):
 @pytest.mark.parametrize("key", list(SCHEDULES), ids=lambda k: f"{k[0]}-mu{k[1]}-{k[2]}steps")
 def test_schedules_equal_comfyui_bit_for_bit(key):
     scheduler, mu, steps = key
-    assert torch.equal(make_sigmas(scheduler, steps, mu), torch.tensor(SCHEDULES[key], dtype=torch.float32))
+    assert torch.equal(make_sigmas(scheduler, steps, FluxModelSampling(mu)), torch.tensor(SCHEDULES[key], dtype=torch.float32))
 
 
 @pytest.mark.parametrize("key", list(DENOISE_0_6), ids=lambda k: f"{k[0]}-{k[2]}steps")
 def test_denoise_0_6_sigmas_equal_comfyui(key):
     scheduler, mu, steps = key
-    got = ksampler_sigmas(scheduler, steps, mu, 0.6)
+    got = ksampler_sigmas(scheduler, steps, FluxModelSampling(mu), 0.6)
     assert torch.equal(got, torch.tensor(DENOISE_0_6[key], dtype=torch.float32))
 
 
@@ -354,7 +354,7 @@ def test_denoise_0_6_sigmas_equal_comfyui(key):
 def test_sampler_trajectories_match_comfyui(key):
     name, scheduler, steps, mu = key
     x = torch.tensor(SAMPLER_X).reshape(1, 4, 2, 2)
-    got = get_sampler(name)(toy_denoiser, x, make_sigmas(scheduler, steps, mu))
+    got = get_sampler(name)(toy_denoiser, x, make_sigmas(scheduler, steps, FluxModelSampling(mu)))
     torch.testing.assert_close(got.flatten(), torch.tensor(SAMPLER_RUNS[key]), rtol=2e-6, atol=2e-6)
 
 
@@ -362,7 +362,7 @@ def test_sampler_trajectories_match_comfyui(key):
 def test_ksampler_path_matches_comfyui(key):
     sampler_name, scheduler, steps, denoise, mask_name, mu, latent_name = key
     latent = _latent() if latent_name == "latent" else torch.zeros(1, 16, 4, 4)
-    out = sample(ToyFlux(mu), None, None, latent, 42, steps, sampler_name=sampler_name, scheduler=scheduler,
+    out = sample(ToyFlux(mu), {}, latent, 42, steps, sampler_name=sampler_name, scheduler=scheduler,
                  denoise=denoise, noise_mask=_mask(mask_name))
     first_channels, channel_sums = KSAMPLER_RUNS[key]
     torch.testing.assert_close(out[0, :2].flatten(), torch.tensor(first_channels), rtol=2e-6, atol=2e-6)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .blocks import random_transformer
-from .flux_checkpoint import FLUX_BLOCKS, rope_axes_for_head_dim
+from ..blocks import random_transformer
+from .checkpoint import FLUX_BLOCKS, rope_axes_for_head_dim
 
 _FULL = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
              joint_attention_dim=4096, pooled_projection_dim=768)

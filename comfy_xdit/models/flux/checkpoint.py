@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from .checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
+from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
                          key_sample, meta_shapes, num_blocks, read_header, read_state_dict, read_tensors,
                          stored_dtypes, with_path)
-from .blocks import BlockLayout
-from .fp8 import FP8
+from ..blocks import BlockLayout
+from ..fp8 import FP8
 
 PREFIX = COMFY_PREFIX
 _LIN = ("weight", "bias")
@@ -36,17 +36,26 @@ def _strip(k: str) -> str:
     return k[len(PREFIX):] if k.startswith(PREFIX) else k
 
 
+def detect_layout_or_none(keys) -> str | None:
+    """'bfl' or 'diffusers' for a Flux.1 transformer's (prefix-stripped) keys, else None (for the registry)."""
+    ks = [_strip(k) for k in keys]
+    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in ks):
+        return "bfl"
+    if "x_embedder.weight" in ks and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in ks):
+        return "diffusers"
+    return None
+
+
 def detect_layout(keys) -> str:
     """'bfl' for BFL/ComfyUI keys (prefix optional), 'diffusers' for diffusers keys, else CheckpointError."""
     ks = [_strip(k) for k in keys]
     if not ks:
         raise CheckpointError("contains no tensors; expected a Flux.1 transformer checkpoint")
-    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in ks):
-        return "bfl"
-    if "x_embedder.weight" in ks and any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in ks):
-        return "diffusers"
-    raise CheckpointError("does not look like a Flux.1 transformer: no 'double_blocks.*' or 'transformer_blocks.*' "
-                          f"keys (found keys like {key_sample(ks)}); {guess_content(ks)}")
+    layout = detect_layout_or_none(ks)
+    if layout is None:
+        raise CheckpointError("does not look like a Flux.1 transformer: no 'double_blocks.*' or "
+                              f"'transformer_blocks.*' keys (found keys like {key_sample(ks)}); {guess_content(ks)}")
+    return layout
 
 
 def rope_axes_for_head_dim(head_dim: int) -> tuple:

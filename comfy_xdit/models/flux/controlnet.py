@@ -3,8 +3,8 @@
 Every layout loads into diffusers' FluxControlNetModel: InstantX/Union files are diffusers-keyed;
 XLabs files are BFL-keyed, their blocks map through flux_checkpoint's rules and their conv hint
 stack is diffusers' ControlNetConditioningEmbedding with 16 channels. Each rank runs the ControlNet
-on its own image shard with the transformer's USP attention; the residuals reach the transformer
-call through a forward pre-hook, so FluxModel itself is unchanged.
+on the image tokens it holds with the transformer's USP attention; the residuals reach the blocks
+through the runner's control hook (DiTModel.control; a PipeFusion stage asks for the whole image).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from diffusers import FluxControlNetModel
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
-from ..sampling import FluxModelSampling
-from .flux import (DEFAULT_GUIDANCE, PATCH, FluxModel, _batch, _SequenceShardState, _USPFluxAttnProcessor,
-                   pack_latents)
-from .checkpoint import (CheckpointError, assign_state_dict, guess_content, meta_shapes, num_blocks, read_header,
+from ..dit import DiTModel, batch_rows
+from ..joint_attention import JointAttnProcessor, ShardState
+from ...imageops import fit_image
+from .family import DEFAULT_GUIDANCE, PATCH, pack_latents
+from ..checkpoint import (CheckpointError, assign_state_dict, guess_content, meta_shapes, num_blocks, read_header,
                          read_tensors, stored_dtypes, with_path)
-from .flux_checkpoint import _LIN, _rules, rope_axes_for_head_dim
+from .checkpoint import _LIN, _rules, rope_axes_for_head_dim
 
 CONTROLNET_EXPECTED = "a Flux ControlNet"
 
@@ -215,18 +216,6 @@ def random_flux_controlnet(flux_config: dict, num_layers=1, num_single_layers=1,
     return torch.nn.Module.to(model, dtype).eval().requires_grad_(False)  # ModelMixin.to warns; nothing stays fp32
 
 
-def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """ComfyUI's common_upscale(..., 'nearest-exact', 'center') on [B, C, H, W]: crop to the aspect, then resize."""
-    h, w = image.shape[-2:]
-    if (h, w) == (height, width):
-        return image
-    old, new = w / h, width / height
-    x = round((w - w * (new / old)) / 2) if old > new else 0
-    y = round((h - h * (old / new)) / 2) if old < new else 0
-    image = image.narrow(-2, y, h - 2 * y).narrow(-1, x, w - 2 * x)
-    return F.interpolate(image, size=(height, width), mode="nearest-exact")
-
-
 @dataclass
 class FluxControl:
     """One applied ControlNet, as ComfyUI's ControlNetApplyAdvanced sets it up.
@@ -246,9 +235,9 @@ class FluxControl:
 
 
 class ControlNetRunner:
-    """A FluxControl bound to a FluxModel: ControlNet residuals for this rank's image shard."""
+    """A FluxControl bound to a Flux DiTModel: ControlNet residuals for the image tokens a rank holds."""
 
-    def __init__(self, model: FluxModel, control: FluxControl):
+    def __init__(self, model: DiTModel, control: FluxControl):
         self.model, self.control, self.cn = model, control, control.controlnet
         info = control.info
         if control.mode is not None and not (info.num_mode and 0 <= control.mode < info.num_mode):
@@ -258,15 +247,15 @@ class ControlNetRunner:
         if device != model.device:
             raise ValueError(f"ControlNet is on {device}, the model on {model.device}")
         self._state = None
-        if model._shard_state is not None:
+        if model._shard is not None:
             model.mesh.config.validate(num_heads=self.cn.config.num_attention_heads)
             if dtype != model.dtype:  # the USP kernel was picked for the model's dtype
                 raise ValueError(f"ControlNet dtype {dtype} differs from the model's {model.dtype}")
             # own state: the ControlNet's text (with a Union mode token) may split where the transformer's does not
-            self._state = _SequenceShardState(model._shard_state.attention)
+            self._state = ShardState(model._shard.attention)
         for m in self.cn.modules():
             if isinstance(m, FluxAttention):
-                m.set_processor(_USPFluxAttnProcessor(self._state) if self._state else FluxAttnProcessor())
+                m.set_processor(JointAttnProcessor(self._state) if self._state else FluxAttnProcessor())
 
     def _hint_tokens(self, b: int, h: int, w: int) -> torch.Tensor:
         """Packed control tokens for the whole image, [b, h*w/4, C*4]."""
@@ -285,27 +274,26 @@ class ControlNetRunner:
             if hint.shape[1] != info.hint_channels:
                 raise ValueError(f"{info.path}: control latent has {hint.shape[1]} channels, "
                                  f"this ControlNet takes {info.hint_channels}")
-        return _batch(pack_latents(hint), b)
+        return batch_rows(pack_latents(hint), b)
 
     @torch.inference_mode()
     def prepare(self, context: torch.Tensor, latent_shape: tuple[int, ...]):
-        """fn(transformer call kwargs) -> (double, single) residual lists for this shard, or None when inactive."""
+        """fn(Step.control, image_index) -> per-block residuals for the image tokens at image_index (a rank's
+        shard, or all of them), or None when inactive at this step."""
         b, _, h, w = latent_shape
         p = next(self.cn.parameters())
         tokens = self._hint_tokens(b, h, w)  # the hint is the same every step: embed it once per run
-        if self._state is not None:
-            tokens = tokens.chunk(self.model.mesh.sp_degree, dim=1)[self.model.mesh.sp_rank]
-        sampling = FluxModelSampling(self.model.time_shift_mu(latent_shape))
+        sampling = self.model.model_sampling(latent_shape)
         c = self.control
         sigmas = (sampling.percent_to_sigma(c.start_percent), sampling.percent_to_sigma(c.end_percent))
-        return functools.partial(self._residuals, tokens, _batch(context, b).to(p.device, p.dtype), sigmas)
+        return functools.partial(self._residuals, tokens, batch_rows(context, b).to(p.device, p.dtype), sigmas)
 
-    def _residuals(self, tokens, context, sigmas, kw):
+    def _residuals(self, tokens, context, sigmas, kw, image_index):
         t = kw["timestep"]
         if t[0] > sigmas[0] or t[0] < sigmas[1]:  # ComfyUI's test, on the fp32 sigma
             return None
         cn, c = self.cn, self.control
-        hs, img_ids = kw["hidden_states"], kw["img_ids"]
+        hs, img_ids, tokens = kw["hidden_states"][:, image_index], kw["img_ids"][image_index], tokens[:, image_index]
         if hs.shape[1] != tokens.shape[1]:
             raise RuntimeError(f"{tokens.shape[1]} control tokens do not line up with {hs.shape[1]} image tokens")
         dt = next(cn.parameters()).dtype
@@ -321,7 +309,7 @@ class ControlNetRunner:
             mode = torch.full((text.shape[0], 1), c.mode, dtype=torch.long, device=text.device)
             text = torch.cat([cn.controlnet_mode_embedder(mode), text], dim=1)
         txt_ids = torch.zeros(text.shape[1], 3, device=img_ids.device, dtype=img_ids.dtype)
-        if self._state is not None:  # FluxModel.forward's rule: the joint text splits with the image when it divides
+        if self._state is not None:  # DiTModel's rule: the joint text splits with the image when it divides
             sp, shard = self.model.mesh.sp_degree, self.model.mesh.sp_rank
             split = text.shape[1] % sp == 0
             self._state.replicated_text_len = 0 if split else text.shape[1]
@@ -336,8 +324,9 @@ class ControlNetRunner:
             text, hs = block(hidden_states=hs, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
             single.append((out(hs) * c.strength).to(self.model.dtype))
         tf, cyclic = self.model.transformer, c.info.blocks_repeat
-        return (_expand(double, len(tf.transformer_blocks), cyclic),
-                _expand(single, len(tf.single_transformer_blocks), cyclic))
+        double = _expand(double, len(tf.transformer_blocks), cyclic) or [None] * len(tf.transformer_blocks)
+        single = _expand(single, len(tf.single_transformer_blocks), cyclic) or [None] * len(tf.single_transformer_blocks)
+        return double + single  # one entry per block, in block order
 
 
 def _expand(samples, n, cyclic):
@@ -349,14 +338,18 @@ def _expand(samples, n, cyclic):
 
 
 def _sum(lists):
-    lists = [x for x in lists if x is not None]
-    return functools.reduce(lambda a, b: [x + y for x, y in zip(a, b)], lists) if lists else None
+    """Per-block residual lists added up; None entries add nothing."""
+    def add(a, b):
+        return b if a is None else a if b is None else a + b
+
+    return functools.reduce(lambda a, b: [add(x, y) for x, y in zip(a, b)], lists)
 
 
 class ControlledFluxModel:
-    """A FluxModel with ControlNets applied to every denoiser call; the rest of the adapter is the model's."""
+    """A Flux model (DiTModel or its PipeFusion adapter) with ControlNets applied to every denoiser call; the
+    rest of the adapter is the model's."""
 
-    def __init__(self, model: FluxModel, controls: Sequence[FluxControl]):
+    def __init__(self, model, controls: Sequence[FluxControl]):
         self.model = model
         # strength 0 adds nothing: ComfyUI's apply node drops the ControlNet then
         self.runners = [ControlNetRunner(model, c) for c in controls if c.strength != 0]
@@ -366,40 +359,24 @@ class ControlledFluxModel:
             raise AttributeError(name)
         return getattr(self.model, name)
 
-    def denoiser(self, context: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
-                 latent_shape: tuple[int, ...]):
-        inner = self.model.denoiser(context, pooled, guidance, latent_shape)
+    def denoiser(self, cond: dict, latent_shape: tuple[int, ...]):
+        inner = self.model.denoiser(cond, latent_shape)
         if not self.runners:
             return inner
-        fns = [r.prepare(context, latent_shape) for r in self.runners]
+        fns = [r.prepare(cond["context"], latent_shape) for r in self.runners]
 
-        def residuals(kwargs):
-            """(double, single) residual lists, one entry per transformer block, summed over the ControlNets;
-            None when none is active at this step."""
-            found = [r for r in (fn(kwargs) for fn in fns) if r is not None]
-            return (_sum(r[0] for r in found), _sum(r[1] for r in found)) if found else None
+        def residuals(kwargs, image_index):
+            """Per-block residuals summed over the ControlNets; None when none is active at this step."""
+            found = [r for r in (fn(kwargs, image_index) for fn in fns) if r is not None]
+            return _sum(found) if found else None
 
-        def inject(module, args, kwargs):  # runs on the (sharded) inputs of FluxModel's transformer call
-            found = residuals(kwargs)
-            if found is None:
-                return None
-            # full-length lists: diffusers then adds residual i after block i
-            return args, dict(kwargs, controlnet_block_samples=found[0], controlnet_single_block_samples=found[1],
-                              controlnet_blocks_repeat=False)
-
-        stage = getattr(self.model, "stage", None)  # a PipeFusion stage runs its blocks itself: it asks per step
+        target = getattr(self.model, "stage", self.model)  # a PipeFusion stage runs its blocks itself
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            if stage is not None:
-                stage.control = residuals
-                try:
-                    return inner(x, sigma)
-                finally:
-                    stage.control = None
-            handle = self.model.transformer.register_forward_pre_hook(inject, with_kwargs=True)
+            target.control = residuals
             try:
                 return inner(x, sigma)
             finally:
-                handle.remove()
+                target.control = None
 
         return denoise

@@ -1,0 +1,204 @@
+"""The model-family seam: what a DiT family gives the core, and the registry that finds a file's family.
+
+A family is a diffusers transformer class plus this spec. The core (config, mesh, attention, pipefusion, the
+sampling loop, pool, worker shell, client, nodes) asks the spec and never names a family. The forward is
+prologue (embedders, positions; full sequence) -> blocks -> head (per token) -> unpatchify, so sequence
+parallelism shards after the prologue and gathers before unpatchify, and PipeFusion stages split the same
+block list (models/dit.py, pipefusion/stage.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocks import BlockLayout, random_transformer
+from .checkpoint import CheckpointError, diffusion_model_keys, key_sample, guess_content, read_header, with_path
+
+
+@dataclass
+class Step:
+    """One forward's inputs as the blocks take them, computed by Family.prologue on the full sequence.
+
+    image/text: embedded tokens [B, S, D] / [B, T, D] (None on a PipeFusion stage without the embedders);
+    rope: tensors indexed by joint token ([text | image]) along dim 0, sliced with the tokens a rank holds;
+    control: what a ControlNet needs of this forward (the family's, opaque to the core)."""
+
+    temb: torch.Tensor
+    text_len: int
+    image_len: int
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    rope: tuple | None = None
+    control: dict = field(default_factory=dict)
+
+
+class Family:
+    """Base spec; one subclass instance per family, registered in FAMILIES."""
+
+    name = ""                      # "flux", "sd3"
+    label = ""                     # for messages: "Flux.1", "SD3 / SD3.5"
+    transformer_class = None       # the diffusers class
+    blocks: BlockLayout
+    latent_format = None           # sampling.LatentFormat
+    patch_size = 2                 # latent pixels per token side
+    conditioning = ("context", "pooled")  # named tensors a denoiser needs ([B, T, D], [B, P])
+    optional_conditioning: tuple = ()     # e.g. ("guidance",)
+    presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def detect(self, keys) -> str | None:
+        """The layout name if these (prefix-stripped) keys are this family's transformer, else None."""
+        raise NotImplementedError
+
+    def read_info(self, path):
+        """An info with .config, .layout, .variant and .stored_dtypes from the header alone."""
+        raise NotImplementedError
+
+    def load(self, path, dtype=torch.bfloat16, device="cpu", fp8: bool = False, stage=None, progress=None):
+        """(transformer in eval mode, info); fp8, stage and progress as the Flux loader documents them."""
+        raise NotImplementedError
+
+    def random(self, config: dict, seed: int = 0, dtype=torch.float32, device="cpu", fp8: bool = False,
+               stage=None):
+        return random_transformer(self.transformer_class, config, self.blocks, seed=seed, dtype=dtype,
+                                  device=device, fp8=fp8, stage=stage, width=self.width(config))
+
+    def preset_config(self, preset: str) -> dict:
+        if preset not in self.presets:
+            raise ValueError(f"unknown {self.label} preset {preset!r}; choose from {sorted(self.presets)}")
+        return dict(self.presets[preset])
+
+    # --- LoRA and ControlNets (families without them refuse with a clear error) ---------------------
+    def load_lora(self, path, shapes: dict):
+        """A parsed LoRA checked against the whole model's parameter shapes (models/flux/lora.py's contract)."""
+        raise CheckpointError(f"{path}: LoRAs for {self.label} models are not supported yet")
+
+    def load_controlnet(self, path, dtype, device):
+        raise CheckpointError(f"{path}: ControlNets for {self.label} models are not supported yet")
+
+    def with_controls(self, model, controls: list):
+        """The model adapter with ControlNets applied; controls: dicts of controlnet, info, hint (model-space
+        latent or pixels), strength, start_percent, end_percent, mode."""
+        raise ValueError(f"ControlNets for {self.label} models are not supported yet")
+
+    def meta_model(self, config: dict):
+        with torch.device("meta"):
+            return self.transformer_class(**config)
+
+    # --- shapes and sampling ----------------------------------------------------------------------
+    def num_heads(self, config: dict) -> int:
+        return config["num_attention_heads"]
+
+    def width(self, config: dict) -> int:
+        return config["num_attention_heads"] * config["attention_head_dim"]
+
+    def variant(self, config: dict) -> str:
+        return self.name
+
+    def model_sampling(self, config: dict, latent_shape: tuple, shift: float | None = None):
+        """ComfyUI's model sampling for this model (shift: a ModelSampling* node's override)."""
+        raise NotImplementedError
+
+    def token_grid(self, latent_shape: tuple) -> tuple[int, int]:
+        """(token rows, tokens per row) of a latent; image tokens are row-major."""
+        h, w = latent_shape[-2:]
+        return h // self.patch_size, w // self.patch_size
+
+    def check_latent(self, config: dict, latent_shape: tuple) -> None:
+        c, (h, w) = latent_shape[1], latent_shape[-2:]
+        if c != self.latent_format.channels:
+            raise ValueError(f"{self.label} latents have {self.latent_format.channels} channels, got {c} "
+                             f"(use EmptySD3LatentImage, not EmptyLatentImage)")
+        if h % self.patch_size or w % self.patch_size:
+            px = 8 * self.patch_size
+            raise ValueError(f"latent {h}x{w} does not split into {self.patch_size}x{self.patch_size} patches: "
+                             f"{self.label} needs image sizes that are multiples of {px} px (got {w * 8}x{h * 8})")
+
+    # --- the forward, decomposed ---------------------------------------------------------------------
+    def prologue(self, transformer, x: torch.Tensor, sigma: torch.Tensor, cond: dict, embed: bool = True) -> Step:
+        """Model-space latent x [B, C, h, w], sigma [B] fp32 and the conditioning -> Step (embed False: only
+        what every PipeFusion stage needs: temb and positions)."""
+        raise NotImplementedError
+
+    def run_block(self, block, image: torch.Tensor, text: torch.Tensor, step: Step, rope) -> tuple:
+        """One block on (this rank's) tokens -> (image, text); text may come back None (SD3's last block)."""
+        kwargs = {} if rope is None else {"image_rotary_emb": rope}
+        text, image = block(hidden_states=image, encoder_hidden_states=text, temb=step.temb, **kwargs)
+        return image, text
+
+    def head(self, transformer, image: torch.Tensor, step: Step) -> torch.Tensor:
+        """Per image token: the final norm and projection -> [B, S, out]."""
+        return transformer.proj_out(transformer.norm_out(image, step.temb))
+
+    def unpatchify(self, tokens: torch.Tensor, latent_shape: tuple) -> torch.Tensor:
+        """[B, S, out] row-major tokens -> the prediction [B, C, h, w]."""
+        raise NotImplementedError
+
+    def attention_modules(self, block) -> list[tuple[torch.nn.Module, bool]]:
+        """(attention module, image_only) pairs inside a block, for the sequence-parallel processor."""
+        raise NotImplementedError
+
+
+FAMILIES: list[Family] = []
+
+
+def all_presets() -> dict:
+    """Random-weight preset name -> family, over every family (names are unique across families)."""
+    return {name: f for f in _families() for name in f.presets}
+
+
+def family_for_preset(preset: str) -> Family:
+    presets = all_presets()
+    if preset not in presets:
+        raise ValueError(f"unknown random preset {preset!r}; choose from {sorted(presets)}")
+    return presets[preset]
+
+
+def register(family: Family) -> Family:
+    FAMILIES.append(family)
+    return family
+
+
+def family_named(name: str) -> Family:
+    for f in _families():
+        if f.name == name:
+            return f
+    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in _families())}")
+
+
+def _families() -> list[Family]:
+    from . import flux, sd3  # noqa: F401  (each package registers its family on import)
+
+    return FAMILIES
+
+
+def known_families() -> str:
+    return ", ".join(f.label for f in _families())
+
+
+def detect_family(path) -> tuple[Family, str]:
+    """(family, layout) of a checkpoint from its header's keys and shapes (never its name); a clear error
+    listing the known families otherwise."""
+    header = read_header(path)
+    keys, prefix = diffusion_model_keys(header)
+    stripped = [k[len(prefix):] for k in keys]
+    if not stripped:
+        raise CheckpointError(f"{path}: contains no tensors; expected a diffusion model checkpoint "
+                              f"({known_families()})")
+    for family in _families():
+        layout = family.detect(stripped)
+        if layout is not None:
+            return family, layout
+    raise CheckpointError(f"{path}: not a diffusion transformer this pack knows (found keys like "
+                          f"{key_sample(stripped)}); {guess_content(stripped)}. Known families: {known_families()}")
+
+
+def read_info(path):
+    """(family, info) from the header alone."""
+    family, _ = detect_family(path)
+    try:
+        return family, family.read_info(path)
+    except CheckpointError as e:
+        raise with_path(path, e) from e
