@@ -225,7 +225,7 @@ class XDiTLoraLoader:
         return (model.with_lora(folder_paths.get_full_path_or_raise("loras", lora_name), strength_model),)
 
 
-class XDiTModelSamplingSD3:
+class XDiTModelSamplingShift:
     DESCRIPTION = "Sets the sampling shift of an xDiT model, as ComfyUI's ModelSamplingSD3 does on a MODEL."
 
     @classmethod
@@ -390,7 +390,7 @@ NODE_CLASS_MAPPINGS = {
     "XDiTModelLoader": XDiTModelLoader,
     "XDiTLoraLoader": XDiTLoraLoader,
     "XDiTSampler": XDiTSampler,
-    "XDiTModelSamplingSD3": XDiTModelSamplingSD3,
+    "XDiTModelSamplingSD3": XDiTModelSamplingShift,
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,

@@ -123,8 +123,9 @@ class FluxModelSampling(_TableSampling):
 
 
 class DiscreteFlowModelSampling(_TableSampling):
-    """ComfyUI's ModelSamplingDiscreteFlow (SD3; its ModelSamplingSD3 node sets `shift`, multiplier 1000):
-    an fp32 table of 1000 sigmas, sigma(t) = time_snr_shift(shift, t / multiplier), timestep(sigma) = sigma * multiplier."""
+    """ComfyUI's ModelSamplingDiscreteFlow (SD3's, shift 3.0; its ModelSamplingSD3 node sets `shift`, multiplier
+    1000): an fp32 table of 1000 sigmas, sigma(t) = time_snr_shift(shift, t / multiplier),
+    timestep(sigma) = sigma * multiplier."""
 
     def __init__(self, shift: float = 1.0, multiplier: float = 1000):
         self.shift = shift
@@ -173,8 +174,8 @@ def normal_sigmas(steps: int, model_sampling, sgm: bool = False) -> torch.Tensor
     if sgm:
         timesteps = torch.linspace(start, end, steps + 1)[:-1]
     else:
-        # A table whose smallest sigma is ~0 ends on it instead of an appended 0. Never for Flux; for
-        # discrete flow only at shift < ~0.01 (sigma_min = time_snr_shift(shift, 0.001)).
+        # sigma(timestep(sigma_min)) ~ 0: end there instead of on an appended 0. Never for Flux; for discrete
+        # flow, where this shifts sigma_min a second time (~ shift^2 / 1000), at shifts below ~0.09995.
         if math.isclose(float(s.sigma(end)), 0, abs_tol=0.00001):
             steps += 1
             append_zero = False
@@ -188,6 +189,8 @@ def normal_sigmas(steps: int, model_sampling, sgm: bool = False) -> torch.Tensor
 def sgm_uniform_sigmas(steps: int, model_sampling) -> torch.Tensor:
     """ComfyUI's "sgm_uniform" scheduler: the normal scheduler's spacing over steps + 1, last point dropped."""
     return normal_sigmas(steps, model_sampling, sgm=True)
+
+
 def _betainc_cf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
     tiny = 1e-300
@@ -274,7 +277,8 @@ SCHEDULERS = tuple(_SCHEDULER_FNS)
 
 
 def make_sigmas(scheduler: str, steps: int, model_sampling) -> torch.Tensor:
-    """A full schedule, as ComfyUI's calculate_sigmas gives it for this model sampling: fp32, ending in 0."""
+    """A full schedule, as ComfyUI's calculate_sigmas gives it for this model sampling: fp32, ending in 0
+    (or, for "normal" on a table that reaches ~0 itself, on that smallest sigma)."""
     if scheduler not in _SCHEDULER_FNS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if isinstance(model_sampling, (int, float)):
@@ -531,7 +535,7 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
     if mask is not None and chunk[0] > 0:
         denoise_fn = inpaint_denoiser(denoise_fn, mask, noise, latent_model, model_sampling)
     x = run(denoise_fn, x, sigmas, callback)
-    x = model_sampling.inverse_noise_scaling(sigmas[-1], x)  # the last sigma is 0, so exact
+    x = model_sampling.inverse_noise_scaling(sigmas[-1], x)  # the last sigma is (about) 0: (about) x
     if dp > 1:
         x = _gather_batch(x, bounds, mesh.group("dp"))
     return model.latent_format.from_model(x)

@@ -9,6 +9,8 @@ block list (models/dit.py, pipefusion/stage.py).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 
 import torch
@@ -169,9 +171,12 @@ def family_named(name: str) -> Family:
 
 
 def _families() -> list[Family]:
-    from . import flux, sd3  # noqa: F401  (each package registers its family on import)
-
-    return FAMILIES
+    """Every family package under models/ (each registers its spec on import), found without naming them."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__package__}.{info.name}")  # once: later calls find it imported
+    return sorted(FAMILIES, key=lambda f: f.name)
 
 
 def known_families() -> str:

@@ -23,7 +23,6 @@ from comfy_xdit.attention.kernels import get_kernel
 from comfy_xdit.attention.usp import USPAttention
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from tests.flux_tiny import rel_err, spmd_per_world_size
 
 TOL = 1e-4
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))  # TEST_SEED reproduces a failure
@@ -35,6 +34,11 @@ LAYOUTS = {
     2: [dict(ulysses_degree=2), dict(ring_degree=2)],
     4: [dict(ulysses_degree=4), dict(ring_degree=4), dict(ulysses_degree=2, ring_degree=2)],
 }
+
+
+def rel_err(a, b) -> float:
+    # tests.flux_tiny's, not imported: every rank re-imports this module, and flux_tiny brings in diffusers.
+    return float((a - b).norm() / b.norm())
 
 
 def _key(layout: dict) -> str:
@@ -153,6 +157,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def parallel():
+    from tests.flux_tiny import spmd_per_world_size  # here, not at the top: see rel_err
+
     return spmd_per_world_size(_rank_main, SEED)
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents, unpack_latents
-from comfy_xdit.models.flux.checkpoint import CheckpointError
-from comfy_xdit.models.flux.controlnet import (ControlledFluxModel, FluxControl, fit_image, load_flux_controlnet,
+from comfy_xdit.imageops import fit_image
+from comfy_xdit.models.checkpoint import CheckpointError
+from comfy_xdit.models.flux import FluxModel, flux_conditioning, image_ids, pack_latents, unpack_latents
+from comfy_xdit.models.flux.controlnet import (ControlledFluxModel, FluxControl, load_flux_controlnet,
                                                random_flux_controlnet, write_flux_controlnet)
-from comfy_xdit.sampling import FluxModelSampling
 from tests.flux_tiny import make_tiny_flux, tiny_flux_config, write_flux_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated")  # raised inside diffusers' ControlNet
@@ -44,7 +44,8 @@ def _inputs(kind, seed=0, sigma=0.6):
 
 
 def _denoise(model, inp):
-    return model.denoiser(inp["context"], inp["pooled"], 3.5, tuple(inp["x"].shape))(inp["x"], inp["sigma"])
+    cond = flux_conditioning(inp["context"], inp["pooled"], 3.5)
+    return model.denoiser(cond, tuple(inp["x"].shape))(inp["x"], inp["sigma"])
 
 
 def _controlled(flux, cn, info, inp, **kw):
@@ -111,7 +112,7 @@ def test_strength_zero_is_no_controlnet(nets, kind):
 def test_percent_range(nets):
     _, path, flux = nets["instantx"]
     cn, info = load_flux_controlnet(path, dtype=torch.float32)
-    sampling = FluxModelSampling(FluxModel(flux).time_shift_mu((1, 16, H, W)))
+    sampling = FluxModel(flux).model_sampling((1, 16, H, W))
     s30, s60 = sampling.percent_to_sigma(0.3), sampling.percent_to_sigma(0.6)
     assert 0 < s60 < s30 < 1
     for sigma, rng, active in [((s30 + 1) / 2, (0.3, 0.6), False), (s60 / 2, (0.3, 0.6), False),

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, FluxModelSampling, LatentFormat, beta_ppf, flux_shift_mu,
-                                 get_sampler, ksampler_sigmas, make_sigmas, prepare_mask, prepare_noise, sample,
-                                 sample_dpmpp_2m, sample_euler, simple_sigmas)
+from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, DiscreteFlowModelSampling, FluxModelSampling, LatentFormat,
+                                 beta_ppf, flux_shift_mu, get_sampler, ksampler_sigmas, make_sigmas, prepare_mask,
+                                 prepare_noise, sample, sample_dpmpp_2m, sample_euler, simple_sigmas)
 
 
 def flux(mu):
@@ -225,3 +225,97 @@ def test_denoise_zero_returns_the_input_and_unknown_names_raise():
         sample(_ToyFlux(), {}, latent, 3, 4, sampler_name="lms")
     with pytest.raises(ValueError, match="unknown scheduler"):
         sample(_ToyFlux(), {}, latent, 3, 4, scheduler="karras")
+
+
+def test_discrete_flow_model_sampling_maps_timesteps_by_the_multiplier():
+    s = DiscreteFlowModelSampling(3.0)
+    assert len(s.sigmas) == 1000 and s.sigmas.dtype == torch.float32
+    assert float(s.sigma_max) == 1.0 and float(s.sigma_min) == pytest.approx(3 * 0.001 / (1 + 2 * 0.001), rel=1e-6)
+    assert torch.all(s.sigmas[1:] > s.sigmas[:-1])
+    sig = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(s.timestep(sig), sig * 1000)
+    torch.testing.assert_close(s.sigma(s.timestep(sig)), 3 * sig / (1 + 2 * sig))
+    assert (s.percent_to_sigma(0.0), s.percent_to_sigma(1.0), s.percent_to_sigma(0.5)) == (1.0, 0.0, 0.75)
+    aura = DiscreteFlowModelSampling(1.73, multiplier=1.0)
+    assert torch.equal(aura.timestep(sig), sig) and torch.equal(aura.sigmas, DiscreteFlowModelSampling(1.73).sigmas)
+
+
+def test_flux_model_sampling_is_comfyuis_flux_table():
+    s = FluxModelSampling(1.15)
+    assert len(s.sigmas) == 10000 and float(s.sigma_max) == 1.0
+    sigma = s.sigmas[5]
+    assert s.timestep(sigma) is sigma
+    assert s.percent_to_sigma(0.25) == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1 / 0.75 - 1))
+
+
+@pytest.mark.parametrize("model_sampling", [FluxModelSampling(1.15), DiscreteFlowModelSampling(3.0)])
+def test_const_prediction_helpers(model_sampling):
+    g = torch.Generator().manual_seed(2)
+    x, v, noise = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    per_item = torch.tensor([0.25, 0.75])
+    for sigma in (0.4, torch.tensor(0.4), torch.tensor([0.4])):
+        assert torch.equal(model_sampling.calculate_denoised(sigma, v, x), x - v * 0.4)
+        assert torch.equal(model_sampling.noise_scaling(sigma, noise, x), 0.4 * noise + (1.0 - 0.4) * x)
+        assert torch.equal(model_sampling.inverse_noise_scaling(sigma, x), x / (1.0 - 0.4))
+    column = per_item.view(2, 1, 1, 1)
+    assert torch.equal(model_sampling.calculate_denoised(per_item, v, x), x - v * column)
+    assert torch.equal(model_sampling.noise_scaling(per_item, noise, x), column * noise + (1.0 - column) * x)
+    assert torch.equal(model_sampling.inverse_noise_scaling(per_item, x), x / (1.0 - column))
+    assert torch.equal(model_sampling.inverse_noise_scaling(torch.tensor(0.0), x), x)
+
+
+def test_schedulers_take_a_model_sampling_not_a_number():
+    with pytest.raises(TypeError, match=r"FluxModelSampling\(1.15\)"):
+        make_sigmas("simple", 4, 1.15)
+    sd3 = DiscreteFlowModelSampling(3.0)
+    assert make_sigmas("simple", 4, sd3).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+    assert torch.equal(ksampler_sigmas("beta", 10, sd3, 0.5), make_sigmas("beta", 20, sd3)[-11:])
+
+
+class _Recorder:
+    """A model adapter that records which conditioning dict each denoiser was built for."""
+
+    latent_format = LatentFormat(16, 1.5305, 0.0609)
+
+    def __init__(self):
+        self.built, self.sampling_shapes = [], []
+
+    def check_latent(self, shape):
+        pass
+
+    def model_sampling(self, shape):
+        self.sampling_shapes.append(shape)
+        return DiscreteFlowModelSampling(3.0)
+
+    def denoiser(self, cond, shape):
+        self.built.append((cond, shape))
+        bias = float(cond["context"].mean())
+        return lambda x, sigma: 0.5 * x + bias
+
+
+def test_sample_hands_the_conditioning_dicts_to_the_model_as_they_are():
+    model, latent = _Recorder(), torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    pos = {"context": torch.ones(1, 3, 8), "pooled": torch.zeros(2, 5), "guidance": torch.tensor([3.5])}
+    neg = {"context": -torch.ones(2, 3, 8), "pooled": torch.zeros(1, 5), "guidance": torch.tensor([3.5])}
+    guided = sample(model, pos, latent, 4, 3, cfg=2.5, negative=neg)
+    assert [c for c, _ in model.built] == [pos, neg] and all(s == (2, 16, 4, 4) for _, s in model.built)
+    assert model.built[0][0] is pos and model.built[1][0] is neg and model.sampling_shapes == [(2, 16, 4, 4)]
+    plain = sample(_Recorder(), pos, latent, 4, 3, negative=neg)  # cfg 1: the negative is not run
+    assert not torch.allclose(guided, plain)
+    manual = _Recorder()
+    manual.denoiser = lambda cond, shape: (lambda x, s: (0.5 * x - 1.0) + ((0.5 * x + 1.0) - (0.5 * x - 1.0)) * 2.5)
+    assert torch.equal(guided, sample(manual, pos, latent, 4, 3))
+
+
+def test_sample_keeps_its_conditioning_errors():
+    latent = torch.zeros(3, 16, 4, 4)
+    pos = {"context": torch.ones(1, 3, 8)}
+    with pytest.raises(ValueError, match="cfg 2.0 needs a negative conditioning"):
+        sample(_Recorder(), pos, latent, 1, 2, cfg=2.0)
+    with pytest.raises(ValueError, match="conditioning batch 2 does not divide latent batch 3"):
+        sample(_Recorder(), {"context": torch.ones(2, 3, 8)}, latent, 1, 2)
+    with pytest.raises(ValueError, match="conditioning batch 2 does not divide latent batch 3"):
+        sample(_Recorder(), pos, latent, 1, 2, cfg=2.0, negative={"context": torch.ones(2, 3, 8)})
+    sample(_Recorder(), pos, latent, 1, 2, negative={"context": torch.ones(2, 3, 8)})  # unused at cfg 1
+    with pytest.raises(TypeError, match="positive must be a conditioning dict"):
+        sample(_Recorder(), torch.ones(1, 3, 8), latent, 1, 2)

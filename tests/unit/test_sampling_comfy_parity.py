@@ -340,7 +340,8 @@ def _mask(name):
 @pytest.mark.parametrize("key", list(SCHEDULES), ids=lambda k: f"{k[0]}-mu{k[1]}-{k[2]}steps")
 def test_schedules_equal_comfyui_bit_for_bit(key):
     scheduler, mu, steps = key
-    assert torch.equal(make_sigmas(scheduler, steps, FluxModelSampling(mu)), torch.tensor(SCHEDULES[key], dtype=torch.float32))
+    got = make_sigmas(scheduler, steps, FluxModelSampling(mu))
+    assert torch.equal(got, torch.tensor(SCHEDULES[key], dtype=torch.float32))
 
 
 @pytest.mark.parametrize("key", list(DENOISE_0_6), ids=lambda k: f"{k[0]}-{k[2]}steps")

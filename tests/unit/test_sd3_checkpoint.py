@@ -1,7 +1,6 @@
 """SD3 / SD3.5 single-file checkpoint loading: layouts, storage dtypes, fp8, stage-only reads, config inference
 from shapes (full-size configs on meta), the SAI <-> diffusers mapping against diffusers' converter, bad files."""
 
-import copy
 import re
 
 import pytest
@@ -28,6 +27,38 @@ def models():
     return {p: make_tiny_sd3(p, seed=i) for i, p in enumerate(TINY_PRESETS)}
 
 
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, models):
+    """written(preset, layout, dtype=None) -> path of that model's file, written once per module."""
+    directory, cache = tmp_path_factory.mktemp("sd3"), {}
+
+    def get(preset, layout, dtype=None):
+        if (preset, layout, dtype) not in cache:
+            name = f"{preset}-{layout}-{str(dtype).removeprefix('torch.')}.safetensors"
+            cache[preset, layout, dtype] = write_sd3_checkpoint(models[preset], directory / name, layout=layout,
+                                                                dtype=dtype)
+        return cache[preset, layout, dtype]
+
+    return get
+
+
+def _resident_state(model, stage=None, fp8=False) -> dict:
+    """Keys and kept dtypes of ``model`` cut to a stage and/or with fp8 blocks: a meta twin goes through
+    SD3_BLOCKS.keep_stage / store_fp8, so nothing is copied."""
+    with torch.device("meta"):
+        twin = SD3Transformer2DModel(**model.config)
+    if stage is not None:
+        SD3_BLOCKS.keep_stage(twin, *stage)
+    if fp8:
+        SD3_BLOCKS.store_fp8(twin)
+    return twin.state_dict()
+
+
+def _cut(sd: dict, model, stage=None, fp8=False) -> dict:
+    """What load-then-keep_stage / store_fp8 of a model with state ``sd`` holds: the resident keys, fp8 ones cast."""
+    return {k: sd[k].to(FP8) if v.dtype == FP8 else sd[k] for k, v in _resident_state(model, stage, fp8).items()}
+
+
 def _same(got: dict, want: dict):
     """Same keys, dtypes and bits."""
     assert got.keys() == want.keys()
@@ -47,9 +78,9 @@ def _nbytes(header, keys):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_load_matches_original(tmp_path, models, preset, layout):
+def test_load_matches_original(models, written, preset, layout):
     model = models[preset]
-    path = write_sd3_checkpoint(model, tmp_path / f"{layout}.safetensors", layout=layout)
+    path = written(preset, layout)
     header = read_header(path)
     with recording_reads() as read:
         loaded, info = load_sd3_transformer(path, dtype=torch.float32)
@@ -67,22 +98,14 @@ def test_load_matches_original(tmp_path, models, preset, layout):
         _same(loaded.state_dict(), diffusers_convert(read_state_dict(path)))
 
 
-def _roundtrip(model, dtype):
-    """Copy of ``model`` whose weights went through ``dtype`` storage: what a correct loader must produce."""
-    ref = copy.deepcopy(model)
-    ref.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
-    return ref
-
-
 @pytest.mark.parametrize("preset,layout,dtype", [("tiny-sd3.5-medium", "sai", torch.bfloat16),
                                                  ("tiny-sd3-medium", "diffusers", torch.float16),
                                                  ("tiny-sd3.5-large", "full", torch.bfloat16)])
-def test_half_precision_files_load_upcast(tmp_path, models, preset, layout, dtype):
+def test_half_precision_files_load_upcast(models, written, preset, layout, dtype):
     model = models[preset]
-    path = write_sd3_checkpoint(model, tmp_path / "half.safetensors", layout=layout, dtype=dtype)
-    loaded, info = load_sd3_transformer(path, dtype=torch.float32)
-    ref = _roundtrip(model, dtype)
-    _same(loaded.state_dict(), ref.state_dict())
+    loaded, info = load_sd3_transformer(written(preset, layout, dtype), dtype=torch.float32)
+    # what a correct loader must give: the weights through dtype storage, back in float32
+    _same(loaded.state_dict(), {k: v.to(dtype).float() for k, v in model.state_dict().items()})
     assert info.stored_dtypes == {str(dtype).removeprefix("torch.")}
     x = sd3_inputs(model.config)
     assert rel_err(run_sd3(loaded, x), run_sd3(model, x)) < 0.05
@@ -96,22 +119,18 @@ def _check_fp8_model(model):
 
 
 @pytest.mark.parametrize("preset,layout", [(p, "sai") for p in TINY_PRESETS] + [("tiny-sd3.5-medium", "diffusers")])
-def test_fp8_storage_equals_a_cast_of_the_whole_model(tmp_path, models, preset, layout):
+def test_fp8_storage_equals_a_cast_of_the_whole_model(models, written, preset, layout):
     model = models[preset]
-    path = write_sd3_checkpoint(model, tmp_path / "fp32.safetensors", layout=layout)
-    loaded, _ = load_sd3_transformer(path, dtype=torch.float32, fp8=True)
+    loaded, _ = load_sd3_transformer(written(preset, layout), dtype=torch.float32, fp8=True)
     _check_fp8_model(loaded)
-    expect = SD3_BLOCKS.store_fp8(copy.deepcopy(model))  # the same plain cast, in memory
-    _same(loaded.state_dict(), expect.state_dict())
+    _same(loaded.state_dict(), _cut(model.state_dict(), model, fp8=True))  # the same plain cast, in memory
     x = sd3_inputs(model.config)
-    out = run_sd3(loaded, x)
-    assert torch.equal(out, run_sd3(expect, x)) and rel_err(out, run_sd3(model, x)) < 0.05
+    assert rel_err(run_sd3(loaded, x), run_sd3(model, x)) < 0.05
 
 
-def test_fp8_file_keeps_its_bytes(tmp_path, models):
+def test_fp8_file_keeps_its_bytes(written):
     """An fp8-stored SAI file: fused qkv and the swapped last-block modulation are split in fp8, bytes unchanged."""
-    model = models["tiny-sd3.5-medium"]
-    path = write_sd3_checkpoint(model, tmp_path / "fp8.safetensors", layout="comfy", dtype=FP8)
+    path = written("tiny-sd3.5-medium", "comfy", FP8)
     loaded, info = load_sd3_transformer(path, dtype=torch.bfloat16, fp8=True)
     assert info.stored_dtypes == {"float8_e4m3fn"}
     _check_fp8_model(loaded)
@@ -136,11 +155,11 @@ def _resident(key: str, start: int, stop: int, n: int) -> bool:
 
 
 @pytest.mark.parametrize("layout", ["full", "diffusers"])
-def test_stage_load_reads_only_its_tensors_and_equals_load_then_keep_stage(tmp_path, models, layout):
+def test_stage_load_reads_only_its_tensors_and_equals_load_then_keep_stage(models, written, layout):
     model = models["tiny-sd3.5-medium"]  # 4 blocks, dual attention in the first two
-    path = write_sd3_checkpoint(model, tmp_path / "stage.safetensors", layout=layout)
+    path = written("tiny-sd3.5-medium", layout)
     header, n = read_header(path), 4
-    whole, _ = load_sd3_transformer(path, dtype=torch.float32)
+    whole = load_sd3_transformer(path, dtype=torch.float32)[0].state_dict()
     theirs = diffusers_convert(read_state_dict(path)) if layout != "diffusers" else read_state_dict(path)
     for start, stop in [(0, 2), (1, 3), (2, 4)]:
         with recording_reads() as read:
@@ -148,16 +167,15 @@ def test_stage_load_reads_only_its_tensors_and_equals_load_then_keep_stage(tmp_p
         want = {k for k in header if _resident(k.removeprefix(COMFY_PREFIX), start, stop, n)}
         assert set(read) == want and sum(read.values()) == _nbytes(header, want)
         assert sum(read.values()) < 0.75 * _nbytes(header, _transformer_keys(header))
-        dropped = SD3_BLOCKS.keep_stage(copy.deepcopy(whole), start, stop)
-        _same(part.state_dict(), dropped.state_dict())
-        _same(part.state_dict(), {k: theirs[k] for k in part.state_dict()})  # diffusers' converter, whole file
+        _same(part.state_dict(), _cut(whole, model, (start, stop)))  # = load everything, then keep_stage
+        _same(part.state_dict(), _cut(theirs, model, (start, stop)))  # = diffusers' converter on the whole file
     # fp8 and the last stage: the last block's swapped modulation is converted in fp8 beside meta placeholders
     part, _ = load_sd3_transformer(path, dtype=torch.float32, stage=(2, 4), fp8=True)
-    _same(part.state_dict(), SD3_BLOCKS.store_fp8(dropped).state_dict())
+    _same(part.state_dict(), _cut(whole, model, (2, 4), fp8=True))
 
 
-def test_load_reports_the_bytes_it_reads(tmp_path, models):
-    path = write_sd3_checkpoint(models["tiny-sd3-medium"], tmp_path / "full.safetensors", layout="full")
+def test_load_reports_the_bytes_it_reads(written):
+    path = written("tiny-sd3-medium", "full")
     header = read_header(path)
     keys = _transformer_keys(header)
     assert len(keys) < len(header)  # the stand-in text encoders and VAE: never read, never counted
@@ -167,7 +185,8 @@ def test_load_reports_the_bytes_it_reads(tmp_path, models):
     assert len(calls) == len(keys) and calls[-1] == (total, total)
     assert all(a[0] < b[0] and a[1] == b[1] == total for a, b in zip(calls, calls[1:]))
     stage = []
-    load_sd3_transformer(path, dtype=torch.float32, stage=(0, 1), progress=lambda done, total: stage.append((done, total)))
+    load_sd3_transformer(path, dtype=torch.float32, stage=(0, 1),
+                         progress=lambda done, total: stage.append((done, total)))
     assert stage[-1][0] == stage[-1][1] < total  # a PipeFusion stage reads only its blocks
 
 
@@ -188,12 +207,13 @@ def test_sai_from_diffusers_is_the_exact_inverse_of_diffusers_converter(models, 
     back = diffusers_convert(left)
     assert not left  # the converter consumed every SAI key: none made up, none missing
     _same(back, sd)
-    n = sd3_config(preset)["num_layers"]
-    assert sai["joint_blocks.0.x_block.attn.qkv.weight"].shape == (3 * 128, 128)
+    config = sd3_config(preset)
+    n, w = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    assert sai["joint_blocks.0.x_block.attn.qkv.weight"].shape == (3 * w, w)
     # SAI stores shift then scale, diffusers scale then shift (the head and the last block's text modulation)
-    assert torch.equal(sai["final_layer.adaLN_modulation.1.weight"][:128], sd["norm_out.linear.weight"][128:])
-    assert torch.equal(sai[f"joint_blocks.{n - 1}.context_block.adaLN_modulation.1.bias"][128:],
-                       sd[f"transformer_blocks.{n - 1}.norm1_context.linear.bias"][:128])
+    assert torch.equal(sai["final_layer.adaLN_modulation.1.weight"][:w], sd["norm_out.linear.weight"][w:])
+    assert torch.equal(sai[f"joint_blocks.{n - 1}.context_block.adaLN_modulation.1.bias"][w:],
+                       sd[f"transformer_blocks.{n - 1}.norm1_context.linear.bias"][:w])
     assert sd3_config_from_shapes(sai, "sai") == sd3_config_from_shapes(sd, "diffusers") == sd3_config(preset)
 
 
@@ -268,8 +288,9 @@ def test_flux_file(tmp_path, layout):
     _expect_error(path, "SD3", "Flux.1")
 
 
-@pytest.mark.parametrize("keys", [["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"],
-                                  ["first_stage_model.encoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight"]])
+@pytest.mark.parametrize("keys", [
+    ["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"],
+    ["first_stage_model.encoder.conv_in.weight", "first_stage_model.decoder.conv_in.weight"]])
 def test_vae_file(tmp_path, keys):
     path = tmp_path / "vae.safetensors"
     save_file({k: torch.zeros(4, 3, 3, 3) for k in keys}, str(path))
@@ -277,9 +298,9 @@ def test_vae_file(tmp_path, keys):
     _expect_error(path, "SD3", "VAE")
 
 
-def test_truncated_file(tmp_path, models):
-    path = write_sd3_checkpoint(models["tiny-sd3-medium"], tmp_path / "cut.safetensors")
-    path.write_bytes(path.read_bytes()[:-1000])
+def test_truncated_file(tmp_path, written):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(written("tiny-sd3-medium", "sai").read_bytes()[:-1000])
     _expect_error(path, "truncated", "SD3")
 
 
@@ -292,7 +313,8 @@ def test_missing_extra_and_misshapen_keys(tmp_path, models):
     sai = _sai(model)
     del sai["joint_blocks.1.x_block.mlp.fc2.weight"]
     save_file({COMFY_PREFIX + k: v for k, v in sai.items()}, str(tmp_path / "miss.safetensors"))
-    _expect_error(tmp_path / "miss.safetensors", "missing", "joint_blocks.1.x_block.mlp.fc2.weight", header_level=False)
+    _expect_error(tmp_path / "miss.safetensors", "missing", "joint_blocks.1.x_block.mlp.fc2.weight",
+                  header_level=False)
 
     sai = {k: v for k, v in _sai(models["tiny-sd3-medium"]).items() if not k.startswith("joint_blocks.1.")}
     save_file(sai, str(tmp_path / "gap.safetensors"))  # a whole block gone from the middle
@@ -301,7 +323,8 @@ def test_missing_extra_and_misshapen_keys(tmp_path, models):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     del sd["transformer_blocks.1.attn2.norm_k.weight"]
     save_file(sd, str(tmp_path / "dmiss.safetensors"))
-    _expect_error(tmp_path / "dmiss.safetensors", "missing", "transformer_blocks.1.attn2.norm_k.weight", header_level=False)
+    _expect_error(tmp_path / "dmiss.safetensors", "missing", "transformer_blocks.1.attn2.norm_k.weight",
+                  header_level=False)
 
     sai = _sai(model)
     sai["joint_blocks.0.x_block.attn.qkv.scale_weight"] = torch.ones(())
@@ -309,6 +332,13 @@ def test_missing_extra_and_misshapen_keys(tmp_path, models):
     _expect_error(tmp_path / "extra.safetensors", "unexpected", "scale_weight", "scaled-fp8", header_level=False)
 
     sai = _sai(model)
-    sai["joint_blocks.2.context_block.mlp.fc1.weight"] = torch.zeros(256, 128)
+    rows, cols = sai["joint_blocks.2.context_block.mlp.fc1.weight"].shape
+    sai["joint_blocks.2.context_block.mlp.fc1.weight"] = torch.zeros(rows // 2, cols)
     save_file(sai, str(tmp_path / "shape.safetensors"))
-    _expect_error(tmp_path / "shape.safetensors", "shapes do not fit", "ff_context.net.0.proj.weight", header_level=False)
+    _expect_error(tmp_path / "shape.safetensors", "shapes do not fit", "ff_context.net.0.proj.weight",
+                  header_level=False)
+
+    sai = _sai(model)
+    sai["pos_embed"] = torch.zeros(1, 250, cols)
+    save_file(sai, str(tmp_path / "pos.safetensors"))  # config from shapes refuses it: the header is enough
+    _expect_error(tmp_path / "pos.safetensors", "pos_embed", "square grid")

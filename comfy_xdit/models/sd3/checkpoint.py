@@ -79,6 +79,13 @@ def detect_sd3_layout(keys) -> str | None:
     return None
 
 
+def _shape(shapes: dict, key: str, ndim: int) -> tuple:
+    shape = tuple(shapes[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(f"'{key}' has shape {shape}; expected a {ndim}-d tensor for an SD3 transformer")
+    return shape
+
+
 def sd3_config_from_shapes(shapes: dict, layout: str) -> dict:
     """SD3Transformer2DModel kwargs from tensor shapes alone (meta tensors do): patch size, channels and width
     from the patch-embed conv, head size from a q-norm weight (else 64), block count from the highest index,
@@ -87,26 +94,24 @@ def sd3_config_from_shapes(shapes: dict, layout: str) -> dict:
     missing = [names[n] for n in ("patch", "pos", "ctx", "pooled", "out") if names[n] not in shapes]
     if missing:
         raise CheckpointError(f"missing keys needed to infer the SD3 model size: {missing}")
-    patch = shapes[names["patch"]].shape
-    if len(patch) != 4 or patch[2] != patch[3]:
-        raise CheckpointError(f"'{names['patch']}' has shape {tuple(patch)}; expected a square patch-embed conv")
-    hidden, in_channels, patch_size = int(patch[0]), int(patch[1]), int(patch[2])
+    hidden, in_channels, patch_size, patch_w = _shape(shapes, names["patch"], 4)
+    if patch_size != patch_w:
+        raise CheckpointError(f"'{names['patch']}' is a {patch_size}x{patch_w} conv; SD3 patches are square")
     qn = next((k for k in shapes if names["qn"].match(k)), None)
-    head_dim = int(shapes[qn].shape[0]) if qn is not None else HEAD_DIM
+    head_dim = _shape(shapes, qn, 1)[0] if qn is not None else HEAD_DIM
     if hidden % head_dim:
         raise CheckpointError(f"width {hidden} is not a multiple of the attention head size {head_dim}")
-    tokens = shapes[names["pos"]].shape[-2] if shapes[names["pos"]].dim() >= 2 else 0
+    tokens = _shape(shapes, names["pos"], 3)[1]
     max_size = math.isqrt(tokens)
-    if max_size * max_size != tokens or tokens == 0:
-        raise CheckpointError(f"'{names['pos']}' has shape {tuple(shapes[names['pos']].shape)}; "
-                              "expected a square grid of position embeddings")
-    ctx, out = shapes[names["ctx"]].shape, shapes[names["out"]].shape
+    if max_size * max_size != tokens:
+        raise CheckpointError(f"'{names['pos']}' holds {tokens} positions; expected a square grid of them")
+    ctx, out = _shape(shapes, names["ctx"], 2), _shape(shapes, names["out"], 2)
     dual = sorted({int(m.group(1)) for k in shapes if (m := names["attn2"].match(k))})
     return dict(sample_size=SAMPLE_SIZE, patch_size=patch_size, in_channels=in_channels,
                 num_layers=num_blocks(shapes, _BLOCK[layout]), attention_head_dim=head_dim,
-                num_attention_heads=hidden // head_dim, joint_attention_dim=int(ctx[1]),
-                caption_projection_dim=int(ctx[0]), pooled_projection_dim=int(shapes[names["pooled"]].shape[1]),
-                out_channels=int(out[0]) // (patch_size * patch_size), pos_embed_max_size=max_size,
+                num_attention_heads=hidden // head_dim, joint_attention_dim=ctx[1],
+                caption_projection_dim=ctx[0], pooled_projection_dim=_shape(shapes, names["pooled"], 2)[1],
+                out_channels=out[0] // (patch_size * patch_size), pos_embed_max_size=max_size,
                 dual_attention_layers=tuple(dual), qk_norm="rms_norm" if qn is not None else None)
 
 
@@ -136,7 +141,8 @@ def _rules(config: dict) -> list[tuple[str, list[str], str]]:
         r += lin(sai, d)
     n, qk = config["num_layers"], config["qk_norm"] is not None
     for i in range(n):
-        x, c, d, last = f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block.", f"transformer_blocks.{i}.", i == n - 1
+        x, c, d = f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block.", f"transformer_blocks.{i}."
+        last = i == n - 1
         r += lin(x + "attn.qkv", [f"{d}attn.to_{q}" for q in "qkv"], "qkv")
         r += lin(c + "attn.qkv", [f"{d}attn.add_{q}_proj" for q in "qkv"], "qkv")
         if qk:
@@ -220,7 +226,8 @@ def _inspect(path):
             raise CheckpointError(f"contains no tensors; expected {SD3_EXPECTED}")
         flux = any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")) for k in shapes)
         raise CheckpointError("does not look like an SD3 / SD3.5 transformer: no 'joint_blocks.*' or "
-                              f"'transformer_blocks.*' + 'pos_embed.proj.*' keys (found keys like {key_sample(shapes)}); "
+                              "'transformer_blocks.*' + 'pos_embed.proj.*' keys (found keys like "
+                              f"{key_sample(shapes)}); "
                               + ("this looks like a Flux.1 transformer" if flux else guess_content(shapes)))
     config = sd3_config_from_shapes(shapes, layout)
     info = SD3CheckpointInfo(path=path, layout=layout, config=config, stored_dtypes=stored_dtypes(header, keys),

@@ -1,7 +1,7 @@
 """SD3 / SD3.5-shaped transformers with random weights: tests, the demo and benchmarks.
 
 Speed depends on shapes, not values, so full-size presets time like the real models. Tiny presets keep each
-release's structure (dual attention, q/k norm) at width 128; pos_embed_max_size 16 makes every small latent a
+release's structure (dual attention, q/k norm) at a small width; pos_embed_max_size 16 makes every small latent a
 crop of the position table, non-square ones included.
 """
 
@@ -15,7 +15,7 @@ from .checkpoint import SAMPLE_SIZE, SD3_BLOCKS
 
 _COMMON = dict(sample_size=SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64)
 _FULL = dict(_COMMON, joint_attention_dim=4096, pooled_projection_dim=2048)
-_TINY = dict(_COMMON, num_attention_heads=2, caption_projection_dim=128, joint_attention_dim=64,
+_TINY = dict(_COMMON, num_attention_heads=4, caption_projection_dim=256, joint_attention_dim=64,  # 4 heads: ulysses 4
              pooled_projection_dim=32, pos_embed_max_size=16)
 SD3_PRESETS = {  # the full-size values are diffusers' transformer/config.json of each release
     "sd3-medium": dict(_FULL, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,

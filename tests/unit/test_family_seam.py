@@ -1,0 +1,72 @@
+"""The model-family seam: the registry finds a file's family from its keys, refuses unknown files with the
+list of known families, and no core module names a family in its code."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import re
+import tokenize
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfy_xdit.models.checkpoint import CheckpointError
+from comfy_xdit.models.family import detect_family, family_for_preset, known_families, read_info
+from tests.flux_tiny import tiny_checkpoint
+from tests.sd3_tiny import tiny_sd3_checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# the core, which reaches models only through the registry (DESIGN.md "Model families: one seam")
+CORE = ["comfy_xdit/config.py", "comfy_xdit/mesh.py", "comfy_xdit/memory.py", "comfy_xdit/client.py",
+        "comfy_xdit/attention", "comfy_xdit/pipefusion", "comfy_xdit/pool", "comfy_xdit/models/dit.py",
+        "comfy_xdit/models/family.py", "comfy_xdit/models/blocks.py", "comfy_xdit/models/checkpoint.py",
+        "comfy_xdit/models/lora.py", "comfy_xdit/models/joint_attention.py", "worker", "nodes.py"]
+FAMILY_WORD = re.compile(r"flux|sd3|sd35|mmdit", re.IGNORECASE)
+
+
+def _code_names(path: pathlib.Path) -> list[tuple[int, str]]:
+    """Identifiers and imported module names (not strings or comments: messages may name families)."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return [(t.start[0], t.string) for t in tokens if t.type == tokenize.NAME and FAMILY_WORD.search(t.string)]
+
+
+def test_no_core_module_names_a_family():
+    files = [p for entry in CORE for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir()
+                                           else [ROOT / entry])]
+    assert len(files) > 15
+    found = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in files for line, name in _code_names(p)]
+    assert not found, "core code names a model family:\n" + "\n".join(found)
+
+
+def test_the_check_finds_a_family_name(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from comfy_xdit.models.flux import FLUX\nif family is FLUX:\n    pass  # flux\n")
+    assert [name for _, name in _code_names(bad)] == ["flux", "FLUX", "FLUX"]
+
+
+def test_registry_detects_each_family_from_keys_not_names(tmp_path):
+    flux, _ = tiny_checkpoint(tmp_path)
+    sd3, _ = tiny_sd3_checkpoint(tmp_path, "tiny-sd3.5-medium")
+    renamed = tmp_path / "flux_looking_name.safetensors"
+    pathlib.Path(sd3).rename(renamed)
+    assert detect_family(flux)[0].name == "flux"
+    family, info = read_info(renamed)
+    assert family.name == "sd3" and info.variant == "sd3.5-medium"
+
+
+def test_unknown_file_lists_the_known_families(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.1.weight": torch.zeros(4)}, str(path))
+    with pytest.raises(CheckpointError) as e:
+        detect_family(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg and "Known families: Flux.1, SD3 / SD3.5" in msg
+    assert known_families() == "Flux.1, SD3 / SD3.5"
+
+
+def test_presets_resolve_to_their_family():
+    assert family_for_preset("flux-dev").name == "flux" and family_for_preset("sd3.5-large").name == "sd3"
+    with pytest.raises(ValueError, match="unknown random preset 'sdxl'"):
+        family_for_preset("sdxl")
