@@ -14,7 +14,7 @@ import torch
 
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.sampling import batch_split, sample
 from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
@@ -22,6 +22,7 @@ TOL = 1e-4
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))  # TEST_SEED reproduces a failure
 LATENT_HW = (4, 6)  # 2 x 3 = 6 image tokens: splits over sequence degree 2
 STEPS = 3
+GUIDANCE = 3.5  # both branches
 
 # name: latent batch, context/pooled/negative batches (0: no negative), cfg, extra sample() arguments
 CASES = {
@@ -52,10 +53,11 @@ def _inputs(seed: int, name: str, config: dict) -> dict:
     g = torch.Generator().manual_seed(seed + sum(map(ord, case.get("inputs", name))))
     b, (h, w) = case["batch"], LATENT_HW
     dim, pdim = config["joint_attention_dim"], config["pooled_projection_dim"]
-    kw = dict(cfg=case.get("cfg", 1.0), guidance=3.5, seed=int(torch.randint(0, 2**31, (), generator=g)))
+    kw = dict(cfg=case.get("cfg", 1.0), seed=int(torch.randint(0, 2**31, (), generator=g)))
     kw.update({k: case[k] for k in ("batch_index", "sampler_name", "denoise") if k in case})
     if case.get("neg"):
-        kw["negative"] = (torch.randn(case["neg"], 7, dim, generator=g), torch.randn(case["neg"], pdim, generator=g))
+        kw["negative"] = flux_conditioning(torch.randn(case["neg"], 7, dim, generator=g),
+                                           torch.randn(case["neg"], pdim, generator=g), GUIDANCE)
     latent = torch.zeros(b, 16, h, w)
     if case.get("mask"):  # per-item masks keep part of a real latent
         latent = torch.randn(b, 16, h, w, generator=g)
@@ -65,7 +67,8 @@ def _inputs(seed: int, name: str, config: dict) -> dict:
 
 
 def _sample(model: FluxModel, inp: dict, callback=None) -> torch.Tensor:
-    return sample(model, inp["context"], inp["pooled"], inp["latent"], steps=STEPS, callback=callback, **inp["kw"])
+    positive = flux_conditioning(inp["context"], inp["pooled"], GUIDANCE)
+    return sample(model, positive, inp["latent"], steps=STEPS, callback=callback, **inp["kw"])
 
 
 def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):

@@ -15,9 +15,9 @@ import torch
 
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.pipefusion import PipeFusionOptions
-from comfy_xdit.pipefusion.flux import FluxPipeFusion
+from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.models.flux.controlnet import (ControlledFluxModel, FluxControl, load_flux_controlnet,
                                                random_flux_controlnet, write_flux_controlnet)
 from comfy_xdit.sampling import sample
@@ -65,10 +65,11 @@ def _run(model: FluxModel, paths: dict, seed: int) -> dict:
     for text_len in TEXT_LENS:
         inp = _inputs(seed, text_len)
         controlled = _controlled(model, paths, inp)
-        denoise = controlled.denoiser(inp["context"], inp["pooled"], 3.5, tuple(inp["latent"].shape))
+        cond = flux_conditioning(inp["context"], inp["pooled"], 3.5)
+        denoise = controlled.denoiser(cond, tuple(inp["latent"].shape))
         out[("forward", text_len)] = denoise(inp["latent"], 0.5)
-        out[("denoise", text_len)] = sample(controlled, inp["context"], inp["pooled"], torch.zeros_like(inp["latent"]),
-                                            seed=inp["noise_seed"], steps=STEPS, guidance=3.5)
+        out[("denoise", text_len)] = sample(controlled, cond, torch.zeros_like(inp["latent"]),
+                                            seed=inp["noise_seed"], steps=STEPS)
     return out
 
 
@@ -78,7 +79,7 @@ def _rank_main(rank: int, world_size: int, paths: dict, seed: int):
         degrees = {k: v for k, v in layout.items() if k.endswith("_degree")}
         model = FluxModel.load(paths["flux"], dtype=torch.float32, mesh=build_mesh(ParallelConfig(**degrees), "cpu"))
         if "warmup_steps" in layout:
-            model = FluxPipeFusion(model, PipeFusionOptions(num_pipeline_patch=2, warmup_steps=layout["warmup_steps"]))
+            model = PipeFusionModel(model, PipeFusionOptions(num_pipeline_patch=2, warmup_steps=layout["warmup_steps"]))
         results.update({(_key(layout), *k): v for k, v in _run(model, paths, seed).items()})
     return results
 
@@ -132,6 +133,7 @@ def test_controlnets_change_the_reference(paths, reference):
     plain = FluxModel.load(paths["flux"], dtype=torch.float32)
     for text_len in TEXT_LENS:
         inp = _inputs(SEED, text_len)
-        without = plain.denoiser(inp["context"], inp["pooled"], 3.5, tuple(inp["latent"].shape))(inp["latent"], 0.5)
+        cond = flux_conditioning(inp["context"], inp["pooled"], 3.5)
+        without = plain.denoiser(cond, tuple(inp["latent"].shape))(inp["latent"], 0.5)
         with_cn = reference[("forward", text_len)]
         assert (with_cn - without).norm() / without.norm() > 1e-2, text_len

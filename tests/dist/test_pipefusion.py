@@ -16,9 +16,10 @@ import torch
 
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
+from comfy_xdit.models.flux.checkpoint import FLUX_BLOCKS
 from comfy_xdit.pipefusion import PipeFusionOptions, balance_stages, row_patches, shard_patches, whole_step
-from comfy_xdit.pipefusion.flux import FluxPipeFusion, flux_block_costs
+from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.sampling import sample
 from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
@@ -54,15 +55,15 @@ def _inputs(seed: int, config: dict, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(context=torch.randn(batch, TEXT_LEN, config["joint_attention_dim"], generator=g),
                 pooled=torch.randn(batch, config["pooled_projection_dim"], generator=g),
-                negative=(torch.randn(batch, TEXT_LEN, config["joint_attention_dim"], generator=g),
-                          torch.randn(batch, config["pooled_projection_dim"], generator=g)),
+                negative=flux_conditioning(torch.randn(batch, TEXT_LEN, config["joint_attention_dim"], generator=g),
+                                           torch.randn(batch, config["pooled_projection_dim"], generator=g), 3.5),
                 latent=torch.zeros(batch, 16, *LATENT_HW),
                 noise_seed=int(torch.randint(0, 2**31, (), generator=g)))
 
 
 def _sample(model, inp: dict, cfg: float = 1.0) -> torch.Tensor:
-    return sample(model, inp["context"], inp["pooled"], inp["latent"], seed=inp["noise_seed"], steps=STEPS,
-                  guidance=3.5, cfg=cfg, negative=inp["negative"] if cfg != 1.0 else None)
+    return sample(model, flux_conditioning(inp["context"], inp["pooled"], 3.5), inp["latent"], seed=inp["noise_seed"],
+                  steps=STEPS, cfg=cfg, negative=inp["negative"] if cfg != 1.0 else None)
 
 
 def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
@@ -70,7 +71,7 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
     for case, (degrees, warmup, patches, cfg) in CASES[world_size].items():
         mesh = build_mesh(ParallelConfig(**degrees), "cpu")
         options = PipeFusionOptions(num_pipeline_patch=patches, warmup_steps=warmup)
-        model = FluxPipeFusion(FluxModel.load(path, dtype=torch.float32, mesh=mesh), options)
+        model = PipeFusionModel(FluxModel.load(path, dtype=torch.float32, mesh=mesh), options)
         if case.startswith("compiled"):  # aot_eager: the trace and its graph breaks, not a C++ compiler
             model.compile_blocks(backend="aot_eager")
         results[case] = _sample(model, _inputs(seed, config, 2 if case in BATCH_CASES else 1), cfg)
@@ -176,7 +177,7 @@ def test_each_stage_holds_its_share(parallel, checkpoint, world_size):
     _, _, model = checkpoint
     total = sum(p.numel() for p in model.parameters())
     shared = sum(p.numel() for p in model.time_text_embed.parameters())  # kept on every stage
-    costs = flux_block_costs(model)
+    costs = FLUX_BLOCKS.costs(model)
     per_rank = parallel(world_size)
     resident = [r["resident"] for r in per_rank]
     # every parameter lives on exactly one stage, except the small time/text embedder on all

@@ -8,7 +8,8 @@ import torch
 
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
+from comfy_xdit.models.flux.checkpoint import FLUX_BLOCKS
 from comfy_xdit.spmd import run_spmd
 from tests.flux_tiny import make_tiny_flux, rel_err
 
@@ -18,13 +19,13 @@ def _rank_main(rank: int, world_size: int):
     transformer = make_tiny_flux(seed=3, num_layers=2, num_single_layers=2)
     model = FluxModel(transformer, build_mesh(ParallelConfig(ulysses_degree=world_size), "cpu"))
     g = torch.Generator().manual_seed(1)
-    x = pack_latents(torch.randn(1, 16, 8, 12, generator=g))
+    x = torch.randn(1, 16, 8, 12, generator=g)
     context = torch.randn(1, 8, transformer.config.joint_attention_dim, generator=g)
     pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g)
-    args = (x, context, pooled, torch.tensor([0.5]), image_ids(8, 12), torch.zeros(8, 3), torch.tensor([3.5]))
+    args = (x, torch.tensor([0.5]), flux_conditioning(context, pooled, 3.5))
     with torch.inference_mode():
         eager = model.forward(*args)
-        for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        for block in FLUX_BLOCKS.blocks(transformer):
             block.compile(fullgraph=True, backend="aot_eager")
         compiled = model.forward(*args)
     return eager, compiled

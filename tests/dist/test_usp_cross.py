@@ -141,8 +141,9 @@ def _rank_main(rank: int, world_size: int, seed: int):
                                 out = _all_gather_seq(out, mesh.group(axis))
                         results[(_key(layout), name, image_tokens, text_len)] = out
             if world_size == 2 and layout == dict(ulysses_degree=2):  # cross traces as one graph, collectives in
-                q = torch.randn(BATCH, IMAGE_TOKENS[0] // 2, HEADS, HEAD_DIM)
-                k, v = torch.randn(2, BATCH, TEXT_LENS[0], HEADS, HEAD_DIM)
+                g = torch.Generator().manual_seed(seed + rank)
+                q = torch.randn(BATCH, IMAGE_TOKENS[0] // 2, HEADS, HEAD_DIM, generator=g)
+                k, v = torch.randn(2, BATCH, TEXT_LENS[0], HEADS, HEAD_DIM, generator=g)
                 compiled = torch.compile(attention.cross, fullgraph=True, backend="aot_eager")
                 results["compile"] = (attention.cross(q, k, v), compiled(q, k, v))
     return results

@@ -15,7 +15,7 @@ import torch
 
 from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
-from comfy_xdit.models.flux import FluxModel, image_ids
+from comfy_xdit.models.flux import FluxModel, flux_conditioning, image_ids
 from comfy_xdit.sampling import sample
 from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
@@ -43,13 +43,13 @@ def _inputs(seed: int, text_len: int, config: dict):
 
 
 def _forward(model: FluxModel, inp: dict) -> torch.Tensor:
-    denoise = model.denoiser(inp["context"], inp["pooled"], 3.5, tuple(inp["latent"].shape))
+    denoise = model.denoiser(flux_conditioning(inp["context"], inp["pooled"], 3.5), tuple(inp["latent"].shape))
     return denoise(inp["latent"], inp["sigma"])
 
 
 def _denoise(model: FluxModel, inp: dict) -> torch.Tensor:
-    return sample(model, inp["context"], inp["pooled"], torch.zeros_like(inp["latent"]),
-                  seed=inp["noise_seed"], steps=STEPS, guidance=3.5)
+    return sample(model, flux_conditioning(inp["context"], inp["pooled"], 3.5), torch.zeros_like(inp["latent"]),
+                  seed=inp["noise_seed"], steps=STEPS)
 
 
 def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):

@@ -2,7 +2,7 @@
 
 Run from the repository root:  python3 tests/gpu/check_memory_cuda.py [--parts model,compile,pool]
 
-- model: for bf16 and fp8_e4m3fn storage, resident weight bytes against estimate_flux_memory's weights
+- model: for bf16 and fp8_e4m3fn storage, resident weight bytes against estimate_memory's weights
   term; the forward's peak memory above the weights at 1024 and 2048 px against its activations term;
   time per forward; the fp8 model's output against the bf16 model's.
 - compile: time per forward at 1024 px with every block compiled (FluxModel.compile_blocks), bf16 and fp8.
@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from comfy_xdit.config import ParallelConfig  # noqa: E402
-from comfy_xdit.memory import GB, TEXT_TOKENS, estimate_flux_memory  # noqa: E402
-from comfy_xdit.models.flux import FluxModel, image_ids  # noqa: E402
+from comfy_xdit.memory import GB, TEXT_TOKENS, estimate_memory  # noqa: E402
+from comfy_xdit.models.flux import FLUX, FluxModel, image_ids  # noqa: E402
 from comfy_xdit.models.flux.checkpoint import store_blocks_fp8  # noqa: E402
 from comfy_xdit.models.flux.random import flux_config, random_flux  # noqa: E402
 
@@ -61,7 +61,7 @@ def inputs(px: int, device, dtype):
 def measure(model, storage: str, config: dict, device, outputs: dict):
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated(device)
-    est = estimate_flux_memory(config, ParallelConfig(), storage)[0]
+    est = estimate_memory(FLUX, config, ParallelConfig(), storage)[0]
     emit(storage=storage, weights_gb=weights / GB, estimate_weights_gb=est.weights / GB)
     for px in (1024, 2048):
         x = inputs(px, device, torch.bfloat16)
@@ -76,7 +76,7 @@ def measure(model, storage: str, config: dict, device, outputs: dict):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated(device) - base
-        act = estimate_flux_memory(config, ParallelConfig(), storage, image_size=(px, px))[0].activations
+        act = estimate_memory(FLUX, config, ParallelConfig(), storage, image_size=(px, px))[0].activations
         emit(storage=storage, px=px, forward_ms=1000 * min(times), peak_above_weights_gb=peak / GB,
              estimate_activations_gb=act / GB, free_gb=torch.cuda.mem_get_info(device)[0] / GB)
         outputs[px] = out.float().cpu()
@@ -134,8 +134,8 @@ def part_pool(device, config):
             emit(bf16_refused=str(e), kind=e.kind)
         key = pool.request("load_model", dict(random_preset="flux-dev", dtype="fp8_e4m3fn"))[0]["model_key"]
         g = torch.Generator().manual_seed(0)
-        tensors = {"context": torch.randn(1, TEXT_TOKENS, 4096, generator=g),
-                   "pooled": torch.randn(1, 768, generator=g),
+        tensors = {"positive.context": torch.randn(1, TEXT_TOKENS, 4096, generator=g),
+                   "positive.pooled": torch.randn(1, 768, generator=g),
                    "latent": torch.zeros(1, 16, 128, 128)}
         reply, out = pool.request("sample", {"model_key": key, "seed": 0, "steps": 4}, tensors)
         emit(fp8_sampled=True, elapsed_s=reply["elapsed"], peak_gb=[p / GB for p in reply["peak_memory"]],
@@ -156,10 +156,12 @@ def part_pipefusion(device, config):
                                                   warmup_steps=1))[0]["model_key"]
             for px in (1024, 2048):
                 g = torch.Generator().manual_seed(0)
-                tensors = {"context": torch.randn(1, TEXT_TOKENS, 4096, generator=g),
-                           "pooled": torch.randn(1, 768, generator=g), "latent": torch.zeros(1, 16, px // 8, px // 8)}
+                tensors = {"positive.context": torch.randn(1, TEXT_TOKENS, 4096, generator=g),
+                           "positive.pooled": torch.randn(1, 768, generator=g),
+                           "latent": torch.zeros(1, 16, px // 8, px // 8)}
                 reply, _ = pool.request("sample", {"model_key": key, "seed": 0, "steps": 3}, tensors)
-                est = estimate_flux_memory(config, ParallelConfig(pipefusion_degree=2), storage, image_size=(px, px))
+                est = estimate_memory(FLUX, config, ParallelConfig(pipefusion_degree=2), storage,
+                                      image_size=(px, px))
                 emit(storage=storage, pipefusion=2, px=px, elapsed_s=reply["elapsed"],
                      peak_gb=[p / GB for p in reply["peak_memory"]], estimate_gb=[e.total / GB for e in est],
                      estimate_weights_gb=[e.weights / GB for e in est])

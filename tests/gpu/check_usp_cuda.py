@@ -50,7 +50,7 @@ from comfy_xdit.attention import kernels as kernel_mod  # noqa: E402
 from comfy_xdit.attention.kernels import get_kernel  # noqa: E402
 from comfy_xdit.config import ParallelConfig  # noqa: E402
 from comfy_xdit.mesh import build_mesh  # noqa: E402
-from comfy_xdit.models.flux import FluxModel, image_ids, pack_latents  # noqa: E402
+from comfy_xdit.models.flux import FluxModel, flux_conditioning  # noqa: E402
 from comfy_xdit.models.flux.checkpoint import load_flux_transformer, write_flux_checkpoint  # noqa: E402
 from comfy_xdit.models.flux.random import flux_config, random_flux  # noqa: E402
 from comfy_xdit.sampling import sample  # noqa: E402
@@ -263,13 +263,13 @@ def _inputs(seed: int, text_len: int, config: dict, latent_hw) -> dict:
 
 
 def _forward(model: FluxModel, inp: dict) -> torch.Tensor:
-    denoise = model.denoiser(inp["context"], inp["pooled"], 3.5, tuple(inp["latent"].shape))
+    denoise = model.denoiser(flux_conditioning(inp["context"], inp["pooled"], 3.5), tuple(inp["latent"].shape))
     return denoise(inp["latent"], inp["sigma"])
 
 
 def _sample(model: FluxModel, inp: dict, steps: int) -> torch.Tensor:
-    return sample(model, inp["context"], inp["pooled"], torch.zeros_like(inp["latent"]),
-                  seed=inp["noise_seed"], steps=steps, guidance=3.5)
+    return sample(model, flux_conditioning(inp["context"], inp["pooled"], 3.5), torch.zeros_like(inp["latent"]),
+                  seed=inp["noise_seed"], steps=steps)
 
 
 def _lse_sliced(kernel):
@@ -314,7 +314,7 @@ def _correctness_rank(rank: int, world_size: int, S: dict, path: str, inputs: di
                         report(layout=layout_name, kernel=vname, dtype=dt, stage="load", error=_err_text(e))
                         continue
                     if patch is not None:
-                        model._shard_state.attention.kernel = patch(model._shard_state.attention.kernel)
+                        model._shard.attention.kernel = patch(model._shard.attention.kernel)
                     for text_len in S["text_lens"]:
                         inp = inputs[text_len]
                         for kind in ("forward", "sample"):
@@ -384,16 +384,15 @@ def _flux_flops(cfg: dict, image_tokens: int, text_tokens: int) -> float:
 
 
 def _timing_inputs(cfg: dict, latent_hw, text_len: int, device, dtype) -> dict:
+    """FluxModel.forward's keyword arguments: a model-space latent, sigma and the conditioning on the device."""
     g = torch.Generator().manual_seed(11)
     h, w = latent_hw
     latent = torch.randn(1, 16, h, w, generator=g)
-    return dict(hidden_states=pack_latents(latent).to(device, dtype),
-                encoder_hidden_states=torch.randn(1, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                pooled=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
-                timestep=torch.full((1,), 0.7, device=device),
-                img_ids=image_ids(h, w).to(device, dtype),
-                txt_ids=torch.zeros(text_len, 3, device=device, dtype=dtype),
-                guidance=torch.full((1,), 3.5, device=device) if cfg.get("guidance_embeds") else None)
+    context = torch.randn(1, text_len, cfg["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g)
+    cond = flux_conditioning(context, pooled, 3.5 if cfg.get("guidance_embeds") else None)
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    return dict(x=latent.to(device, dtype), sigma=torch.full((1,), 0.7, device=device), cond=cond)
 
 
 @torch.inference_mode()
@@ -459,7 +458,7 @@ def _timing_rank(rank: int, world_size: int, S: dict) -> None:
             _sync(device)
             marks = []
             t0 = time.perf_counter()
-            out = sample(model, ctx, pooled, latent, seed=42, steps=S["sample_steps"], guidance=3.5,
+            out = sample(model, flux_conditioning(ctx, pooled, 3.5), latent, seed=42, steps=S["sample_steps"],
                          callback=lambda i, n, x0: marks.append(time.perf_counter()))  # x0 is on the CPU: synced
             _sync(device)
             wall = time.perf_counter() - t0

@@ -196,7 +196,8 @@ def test_the_pool_restarts_when_the_gpu_set_changes(env):
 def test_first_estimate_comes_from_the_checkpoint_header(env, tmp_path):
     """A readable Flux file is sized by memory.py from its header: fp8 storage and PipeFusion stages count."""
     from comfy_xdit.config import ParallelConfig
-    from comfy_xdit.memory import estimate_flux_memory
+    from comfy_xdit.memory import estimate_memory
+    from comfy_xdit.models.flux import FLUX
     from comfy_xdit.models.flux.checkpoint import read_flux_info
     from tests.flux_tiny import tiny_checkpoint
 
@@ -206,11 +207,11 @@ def test_first_estimate_comes_from_the_checkpoint_header(env, tmp_path):
     (model,) = pack.NODE_CLASS_MAPPINGS["XDiTModelLoader"]().load(os.path.basename(path), "fp8_e4m3fn", 2,
                                                                   "pipefusion")
     config, layout = read_flux_info(path).config, ParallelConfig(pipefusion_degree=2)
-    weights = max(e.weights for e in estimate_flux_memory(config, layout, "fp8_e4m3fn"))
+    weights = max(e.weights for e in estimate_memory(FLUX, config, layout, "fp8_e4m3fn"))
     assert weights < os.path.getsize(path) // 2  # fp8 and half the blocks: well under the file-size rule
     assert _freed(state) == [(0, weights + client.ROOM_RESERVE), ("empty",)]
     CudaPool.created[0].reserved = [0, 0]  # the tiny model's needs would vanish under the stand-in's 1 GiB
     _sample(pack, model, {"samples": torch.zeros(2, 16, 32, 32)})  # two 256x256 images
-    stage = max(estimate_flux_memory(config, layout, "fp8_e4m3fn", (256, 256)), key=lambda e: e.total)
+    stage = max(estimate_memory(FLUX, config, layout, "fp8_e4m3fn", (256, 256)), key=lambda e: e.total)
     assert stage.activations > 0
     assert _freed(state) == [(0, stage.weights + 2 * stage.activations + client.ROOM_RESERVE), ("empty",)]

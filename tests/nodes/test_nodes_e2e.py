@@ -12,10 +12,13 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 import fake_comfy
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.models.flux.checkpoint import diffusers_to_bfl, write_flux_checkpoint
 from comfy_xdit.models.flux.controlnet import random_flux_controlnet, write_flux_controlnet
 from comfy_xdit.models.flux.random import flux_config, random_flux
+from comfy_xdit.models.dit import DiTModel
+from comfy_xdit.models.sd3.checkpoint import write_sd3_checkpoint
+from comfy_xdit.models.sd3.random import random_sd3, sd3_config
 from comfy_xdit.sampling import sample
 from comfy_xdit.vae.loader import write_vae_checkpoint
 
@@ -34,6 +37,9 @@ def env(tmp_path_factory):
         os.makedirs(models / sub)
     transformer = random_flux(flux_config("tiny"), seed=11)
     write_flux_checkpoint(transformer, models / "diffusion_models" / "flux_tiny.safetensors", layout="comfy")
+    # SD3.5-Medium-shaped (dual attention, q/k norm), as SAI's all-in-one file: text encoders and VAE beside it
+    write_sd3_checkpoint(random_sd3(sd3_config("tiny-sd3.5-medium"), seed=12),
+                         models / "diffusion_models" / "sd35_tiny.safetensors", layout="full")
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -102,7 +108,8 @@ def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
     # the reference: the same file sampled in this process
     model = FluxModel.load(str(models / "diffusion_models" / "flux_tiny.safetensors"), dtype=torch.float32)
     cond = _conditioning()[0]
-    ref = sample(model, cond[0], cond[1]["pooled_output"], _latent()["samples"], seed=3, steps=STEPS, guidance=3.0)
+    ref = sample(model, flux_conditioning(cond[0], cond[1]["pooled_output"], 3.0), _latent()["samples"], seed=3,
+                 steps=STEPS)
     assert _rel(two["samples"], ref) <= 1e-4
     # the patch-parallel VAE on 2 ranks equals one rank
     (encoded,) = nodes["XDiTVAEEncode"]().encode(image, vae)
@@ -113,6 +120,40 @@ def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
     assert float((image - image_one).abs().max()) <= 1e-5
     assert float((encoded["samples"] - encoded_one["samples"]).abs().max()) <= 1e-5
     assert state.memory_calls == []  # CPU ranks: nothing asked of ComfyUI's model management
+
+
+def test_sd3_through_the_same_nodes_cfg_parallel_and_shift(env):
+    """An SD3.5 full checkpoint through the loader, ModelSamplingSD3 (xDiT) and the sampler at cfg 4.5 on 2
+    ranks (cfg parallel) equals the same file sampled here; the shift reaches the workers."""
+    pack, _, models, _ = env
+    nodes = pack.NODE_CLASS_MAPPINGS
+    g = torch.Generator().manual_seed(21)
+
+    def cond():
+        return [[torch.randn(1, 9, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+
+    positive, negative = cond(), cond()
+    results = {}
+    for gpus, strategy, shift in ((2, "cfg_parallel", None), (1, "auto", None), (2, "ulysses", 6.0)):
+        (model,) = nodes["XDiTModelLoader"]().load("sd35_tiny.safetensors", "fp32", gpus, strategy)
+        if shift is not None:
+            (model,) = nodes["XDiTModelSamplingSD3"]().patch(model, shift)
+        (out,) = nodes["XDiTSampler"]().sample(model, positive, negative, _latent(h=12, w=8), 7, STEPS, 4.5,
+                                               "euler", "simple", 1.0)
+        results[(gpus, shift)] = out["samples"]
+    ref_model = DiTModel.load(str(models / "diffusion_models" / "sd35_tiny.safetensors"), dtype=torch.float32)
+    assert ref_model.family.name == "sd3" and ref_model.info.full_checkpoint
+
+    def reference(shift):
+        ref_model.shift = shift
+        return sample(ref_model, {"context": positive[0][0], "pooled": positive[0][1]["pooled_output"]},
+                      _latent(h=12, w=8)["samples"], seed=7, steps=STEPS, cfg=4.5,
+                      negative={"context": negative[0][0], "pooled": negative[0][1]["pooled_output"]})
+
+    ref = reference(None)
+    assert _rel(results[(2, None)], ref) <= 1e-4 and _rel(results[(1, None)], ref) <= 1e-4
+    shifted = reference(6.0)
+    assert _rel(results[(2, 6.0)], shifted) <= 1e-4 and _rel(shifted, ref) > 1e-3
 
 
 def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):
@@ -127,7 +168,8 @@ def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):
         for i, linear in enumerate((attn.to_q, attn.to_k, attn.to_v)):
             linear.weight += delta[i * linear.weight.shape[0]:(i + 1) * linear.weight.shape[0]]
     cond = _conditioning()[0]
-    ref = sample(model, cond[0], cond[1]["pooled_output"], _latent()["samples"], seed=3, steps=STEPS, guidance=3.0)
+    ref = sample(model, flux_conditioning(cond[0], cond[1]["pooled_output"], 3.0), _latent()["samples"], seed=3,
+                 steps=STEPS)
     assert _rel(merged, ref) <= 1e-4 and _rel(merged, base) > 1e-3
     assert torch.equal(_run(pack, 2)["samples"], base)  # removing the LoRA restores the base exactly
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.pool.controller import (DeadlineExceeded, PoolDied, PoolOptions, PoolStartError, RequestCancelled,
                                         RequestFailed, WorkerPool)
 from comfy_xdit.pool.protocol import REPLY_TYPES, Channel, connect, list_segments
@@ -59,8 +59,13 @@ def checkpoint(tmp_path_factory):
 
 def _inputs(seed=0, h=8, w=12, text=8):
     g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(1, text, 64, generator=g), "pooled": torch.randn(1, 32, generator=g),
-            "latent": torch.zeros(1, 16, h, w)}
+    return {"positive.context": torch.randn(1, text, 64, generator=g),
+            "positive.pooled": torch.randn(1, 32, generator=g), "latent": torch.zeros(1, 16, h, w)}
+
+
+def _positive(inp, guidance=None):
+    """The positive conditioning of a request's tensors, as sample() takes it in one process."""
+    return flux_conditioning(inp["positive.context"], inp["positive.pooled"], guidance)
 
 
 @pytest.fixture
@@ -78,11 +83,12 @@ def _load(pool, checkpoint, **parallel):
 def test_sample_matches_single_process_and_reports_progress(pool2, checkpoint):
     key = _load(pool2, checkpoint, ulysses_degree=2)
     events = []
-    args, out = pool2.request("sample", {"model_key": key, "seed": 5, "steps": 4, "guidance": 3.5, "preview": True},
-                              _inputs(), on_progress=lambda a, preview: events.append((a, preview)))
+    args, out = pool2.request("sample", {"model_key": key, "seed": 5, "steps": 4, "preview": True},
+                              {**_inputs(), "positive.guidance": torch.tensor([3.5])},
+                              on_progress=lambda a, preview: events.append((a, preview)))
     inp = _inputs()
-    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"],
-                       inp["latent"], seed=5, steps=4, guidance=3.5)
+    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), _positive(inp, 3.5),
+                       inp["latent"], seed=5, steps=4)
     err = float((out["samples"] - reference).norm() / reference.norm())
     assert err <= 1e-4, err
     assert [e[0]["step"] for e in events] == [1, 2, 3, 4] and all(e[0]["total"] == 4 for e in events)
@@ -109,10 +115,12 @@ def test_bad_requests_fail_clearly_and_the_pool_lives_on(pool2, checkpoint, tmp_
     not_flux = tmp_path / "unet.safetensors"
     from safetensors.torch import save_file
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, str(not_flux))
-    with pytest.raises(RequestFailed, match="does not look like a Flux.1 transformer"):
+    with pytest.raises(RequestFailed, match="not a diffusion transformer this pack knows .*Known families: Flux.1, "
+                                            "SD3 / SD3.5"):
         pool2.request("load_model", {"path": str(not_flux)})
     key = _load(pool2, checkpoint)
-    with pytest.raises(RequestFailed, match="not even: Flux needs image sizes that are multiples of 16 px"):
+    with pytest.raises(RequestFailed, match="does not split into 2x2 patches: Flux.1 needs image sizes that are "
+                                            "multiples of 16 px"):
         pool2.request("sample", {"model_key": key, "seed": 0, "steps": 1}, _inputs(h=7, w=12))
     pool2.request("sample", {"model_key": key, "seed": 0, "steps": 1}, _inputs())
     assert pool2.starts == 1
@@ -272,7 +280,7 @@ def test_two_launchers_form_one_pool(checkpoint):
         key = _load(pool, checkpoint, ulysses_degree=2, ring_degree=2)
         _, out = pool.request("sample", {"model_key": key, "seed": 1, "steps": 3}, _inputs(seed=1))
         inp = _inputs(seed=1)
-        reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"],
+        reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), _positive(inp),
                            inp["latent"], seed=1, steps=3)
         assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4
         pool.shutdown()
@@ -287,7 +295,7 @@ def test_pipefusion_through_the_pool(pool2, checkpoint):
                                            "num_pipeline_patch": 2, "warmup_steps": 4})
     _, out = pool2.request("sample", {"model_key": args["model_key"], "seed": 2, "steps": 4}, _inputs(seed=2))
     inp = _inputs(seed=2)
-    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"], inp["latent"],
+    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), _positive(inp), inp["latent"],
                        seed=2, steps=4)
     assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4  # synchronous: exact
 
@@ -315,9 +323,9 @@ def test_lora_with_pipefusion_patches_each_stages_blocks(pool2, checkpoint, tmp_
     run = {"model_key": args["model_key"], "seed": 5, "steps": 3}
     _, merged = pool2.request("sample", {**run, "loras": [[path, 1.0]]}, inp)
     _, plain = pool2.request("sample", {**run, "loras": [[path, 0.0]]}, inp)
-    reference_base = sample(base, inp["context"], inp["pooled"], inp["latent"], seed=5, steps=3)
+    reference_base = sample(base, _positive(inp), inp["latent"], seed=5, steps=3)
     LoraMerger(base.transformer).set_loras([("k", load_flux_lora(path, model_shapes(base.transformer)), 1.0)])
-    reference = sample(base, inp["context"], inp["pooled"], inp["latent"], seed=5, steps=3)
+    reference = sample(base, _positive(inp), inp["latent"], seed=5, steps=3)
     assert float((reference - reference_base).norm() / reference_base.norm()) > 1e-2  # the LoRA matters
     assert float((merged["samples"] - reference).norm() / reference.norm()) <= 1e-4
     assert float((plain["samples"] - reference_base).norm() / reference_base.norm()) <= 1e-4
@@ -333,7 +341,7 @@ def test_pipefusion_with_ulysses_inside_stages_through_a_4_rank_pool(checkpoint)
         assert args["weight_dtype"] == "fp32"
         _, out = pool.request("sample", {"model_key": args["model_key"], "seed": 3, "steps": 3}, _inputs(seed=3))
         inp = _inputs(seed=3)
-        reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"],
+        reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), _positive(inp),
                            inp["latent"], seed=3, steps=3)
         assert float((out["samples"] - reference).norm() / reference.norm()) <= 1e-4  # synchronous: exact
         with pytest.raises(RequestFailed, match=r"text length \(7 tokens\) to divide by 2"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_xdit.models.flux import FluxModel
+from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.models.flux.checkpoint import load_flux_transformer
 from comfy_xdit.pool.controller import PoolOptions, RequestFailed, WorkerPool
 from comfy_xdit.sampling import sample
@@ -30,8 +30,13 @@ def pool2():
 
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(1, 8, 64, generator=g), "pooled": torch.randn(1, 32, generator=g),
+    return {"positive.context": torch.randn(1, 8, 64, generator=g), "positive.pooled": torch.randn(1, 32, generator=g),
             "latent": torch.zeros(1, 16, 8, 12)}
+
+
+def _positive(inp):
+    """The positive conditioning of a request's tensors, as sample() takes it in one process."""
+    return flux_conditioning(inp["positive.context"], inp["positive.pooled"])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def reference(checkpoint):
     """One process, fp8 storage computed in bf16: what every layout must reproduce."""
     model = FluxModel(load_flux_transformer(checkpoint, dtype=torch.bfloat16, fp8=True)[0])
     inp = _inputs()
-    return sample(model, inp["context"], inp["pooled"], inp["latent"], seed=4, steps=STEPS).float()
+    return sample(model, _positive(inp), inp["latent"], seed=4, steps=STEPS).float()
 
 
 @pytest.mark.parametrize("parallel,extra", [({"pipefusion_degree": 2}, {"warmup_steps": STEPS}),
@@ -64,7 +69,7 @@ def test_explicit_stage_split_through_the_pool(pool2, checkpoint):
     assert "stages=[1, 5]" in args["model_key"]
     _, out = pool2.request("sample", {"model_key": args["model_key"], "seed": 4, "steps": STEPS}, _inputs())
     inp = _inputs()
-    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), inp["context"], inp["pooled"], inp["latent"],
+    reference = sample(FluxModel.load(checkpoint, dtype=torch.float32), _positive(inp), inp["latent"],
                        seed=4, steps=STEPS)
     assert rel_err(out["samples"], reference) <= 1e-4
     with pytest.raises(RequestFailed, match=r"stage_blocks \(3, 2\) must give each of the 2 stages at least one "

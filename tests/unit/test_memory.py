@@ -12,13 +12,13 @@ from diffusers import FluxTransformer2DModel
 import comfy_xdit.models.checkpoint as checkpoint_io
 from comfy_xdit.client import WEIGHT_DTYPES
 from comfy_xdit.config import ParallelConfig
-from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_flux_memory, estimate_flux_memory,
-                               flux_stage_bounds)
+from comfy_xdit.memory import GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, check_memory, estimate_memory, stage_bounds
 from comfy_xdit.models.checkpoint import read_header
-from comfy_xdit.models.flux.checkpoint import keep_stage, load_flux_transformer, store_blocks_fp8
+from comfy_xdit.models.flux import FLUX, FluxModel
+from comfy_xdit.models.flux.checkpoint import FLUX_BLOCKS, keep_stage, load_flux_transformer, store_blocks_fp8
 from comfy_xdit.models.flux.random import flux_config, random_flux
 from comfy_xdit.pipefusion import stage_ranges
-from comfy_xdit.pipefusion.flux import FluxStage, flux_block_costs
+from comfy_xdit.pipefusion.stage import DiTStage
 from tests.flux_tiny import tiny_checkpoint
 
 SEED = int(os.environ.get("TEST_SEED", random.randrange(2**31)))
@@ -81,8 +81,8 @@ def test_stage_load_reads_only_its_tensors_and_equals_load_then_drop(checkpoint,
     path, config = checkpoint
     header, n = read_header(path), CONFIG["num_layers"] + CONFIG["num_single_layers"]
     full, _ = load_flux_transformer(path, dtype=torch.float32)
-    bounds = flux_stage_bounds(config, stages)
-    assert bounds == stage_ranges(flux_block_costs(full), stages, None)  # what FluxPipeFusion computes
+    bounds = stage_bounds(FLUX, config, stages)
+    assert bounds == stage_ranges(FLUX_BLOCKS.costs(full), stages, None)  # what PipeFusionModel computes
     file_bytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
     for rank, (start, stop) in enumerate(bounds):
         read = {}
@@ -95,7 +95,7 @@ def test_stage_load_reads_only_its_tensors_and_equals_load_then_drop(checkpoint,
         assert sum(read.values()) < 0.75 * file_bytes
         # the same residency and values as loading everything and letting PipeFusion's stage drop the rest
         dropped, _ = load_flux_transformer(path, dtype=torch.float32)
-        FluxStage(dropped, start, stop)
+        DiTStage(FluxModel(dropped), start, stop)
         got, expect = model.state_dict(), dropped.state_dict()
         assert got.keys() == expect.keys() and all(torch.equal(got[k], expect[k]) for k in expect)
 
@@ -105,8 +105,8 @@ def test_stage_load_reads_only_its_tensors_and_equals_load_then_drop(checkpoint,
 def test_estimate_equals_loaded_bytes(checkpoint, storage, stages):
     path, config = checkpoint
     compute, fp8 = WEIGHT_STORAGE[storage]
-    estimates = estimate_flux_memory(config, ParallelConfig(pipefusion_degree=stages), storage)
-    bounds = flux_stage_bounds(config, stages) if stages > 1 else [None]
+    estimates = estimate_memory(FLUX, config, ParallelConfig(pipefusion_degree=stages), storage)
+    bounds = stage_bounds(FLUX, config, stages) if stages > 1 else [None]
     assert len(estimates) == len(bounds)
     for stage, estimate in zip(bounds, estimates):
         model, _ = load_flux_transformer(path, dtype=compute, fp8=fp8, stage=stage)
@@ -119,17 +119,17 @@ def test_full_size_flux_dev():
         meta = FluxTransformer2DModel(**config)
     assert sum(p.numel() for p in meta.parameters()) == 11_901_408_320
     one = ParallelConfig()
-    assert estimate_flux_memory(config, one, "bf16")[0].weights == 23_802_816_640  # 23.8 GB
-    assert estimate_flux_memory(config, one, "fp32")[0].weights == 2 * 23_802_816_640
+    assert estimate_memory(FLUX, config, one, "bf16")[0].weights == 23_802_816_640  # 23.8 GB
+    assert estimate_memory(FLUX, config, one, "fp32")[0].weights == 2 * 23_802_816_640
     # fp8: 11.83e9 block Linear weights at 1 byte, the other 67.2e6 parameters in bf16
-    assert estimate_flux_memory(config, one, "fp8_e4m3fn")[0].weights == 11_968_587_904
-    assert flux_stage_bounds(config, 2) == [(0, 17), (17, 57)]
-    pp2 = estimate_flux_memory(config, ParallelConfig(pipefusion_degree=2), "fp8_e4m3fn")
+    assert estimate_memory(FLUX, config, one, "fp8_e4m3fn")[0].weights == 11_968_587_904
+    assert stage_bounds(FLUX, config, 2) == [(0, 17), (17, 57)]
+    pp2 = estimate_memory(FLUX, config, ParallelConfig(pipefusion_degree=2), "fp8_e4m3fn")
     assert [e.weights for e in pp2] == [5_868_803_072, 6_164_309_120]
     # activations at 1024 px, one GPU: 18 widths x 4608 tokens x 3072 x 2 bytes (17.2 measured on an H200)
-    assert estimate_flux_memory(config, one, "bf16", image_size=(1024, 1024))[0].activations == 509_607_936
+    assert estimate_memory(FLUX, config, one, "bf16", image_size=(1024, 1024))[0].activations == 509_607_936
     # PipeFusion adds its stale K/V: 2 x 4608 x 3072 x 2 bytes per resident block
-    pp2 = estimate_flux_memory(config, ParallelConfig(pipefusion_degree=2), "bf16", image_size=(1024, 1024))
+    pp2 = estimate_memory(FLUX, config, ParallelConfig(pipefusion_degree=2), "bf16", image_size=(1024, 1024))
     assert [e.activations for e in pp2] == [509_607_936 + 17 * 56_623_104, 509_607_936 + 40 * 56_623_104]
 
 
@@ -149,17 +149,17 @@ def test_full_size_flux_dev():
 ])
 def test_check_refuses_with_what_would_fit(parallel, storage, free, message):
     with pytest.raises(NotEnoughMemory) as exc:
-        check_flux_memory(flux_config("flux-dev"), parallel, storage, free, "cuda:0")
+        check_memory(FLUX, flux_config("flux-dev"), parallel, storage, free, "cuda:0")
     assert str(exc.value) == message and isinstance(exc.value, MemoryError)
 
 
 def test_check_passes_and_counts_the_image():
     config, pp2 = flux_config("flux-dev"), ParallelConfig(pipefusion_degree=2)
-    ok = check_flux_memory(config, pp2, "fp8_e4m3fn", 7 * GB, "cuda:1")
+    ok = check_memory(FLUX, config, pp2, "fp8_e4m3fn", 7 * GB, "cuda:1")
     assert ok.weights == 6_164_309_120  # the larger stage
     with pytest.raises(NotEnoughMemory, match=r"^needs 9\.1 GB per GPU with pipefusion 2 and fp8; 7\.0 GB free "
                                               r"on cuda:1; use more GPUs"):
-        check_flux_memory(config, pp2, "fp8_e4m3fn", 7 * GB, "cuda:1", image_size=(1024, 1024))
+        check_memory(FLUX, config, pp2, "fp8_e4m3fn", 7 * GB, "cuda:1", image_size=(1024, 1024))
 
 
 def test_storage_names_match_the_client():
@@ -185,15 +185,15 @@ def test_auto_layout_prefers_sequence_parallel_then_pipefusion_then_fp8():
     config = flux_config("flux-dev")
     gb = 10**9
     # 2 GPUs: weights 23.8 GB bf16, about half per PipeFusion stage, about half again in fp8
-    assert auto_layout(config, 2, "bf16", 40 * gb, "cuda:0") == (ParallelConfig(ulysses_degree=2), "bf16")
-    assert auto_layout(config, 2, "bf16", 16 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "bf16")
-    assert auto_layout(config, 2, "bf16", 10 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "fp8_e4m3fn")
+    assert auto_layout(FLUX, config, 2, "bf16", 40 * gb, "cuda:0") == (ParallelConfig(ulysses_degree=2), "bf16")
+    assert auto_layout(FLUX, config, 2, "bf16", 16 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "bf16")
+    assert auto_layout(FLUX, config, 2, "bf16", 10 * gb, "cuda:0") == (ParallelConfig(pipefusion_degree=2), "fp8_e4m3fn")
     # 4 GPUs: two stages with Ulysses 2 inside each come before four stages
-    assert auto_layout(config, 4, "bf16", 16 * gb, "cuda:0") == \
+    assert auto_layout(FLUX, config, 4, "bf16", 16 * gb, "cuda:0") == \
         (ParallelConfig(pipefusion_degree=2, ulysses_degree=2), "bf16")
     # fp16 weights are never swapped for fp8 by auto (fp8 computes in bf16), only suggested
     with pytest.raises(NotEnoughMemory, match=r"needs 15.0 GB per GPU with pipefusion 2 and fp16; 10.0 GB free on "
                                               r"cuda:1; pipefusion 2 with fp8 would need 9.1 GB"):
-        auto_layout(config, 2, "fp16", 10 * gb, "cuda:1")
+        auto_layout(FLUX, config, 2, "fp16", 10 * gb, "cuda:1")
     with pytest.raises(NotEnoughMemory, match=r"with pipefusion 2 and fp8; 4.0 GB free on cuda:0; use more GPUs"):
-        auto_layout(config, 2, "bf16", 4 * gb, "cuda:0")
+        auto_layout(FLUX, config, 2, "bf16", 4 * gb, "cuda:0")

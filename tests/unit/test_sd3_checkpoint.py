@@ -124,6 +124,8 @@ def test_fp8_storage_equals_a_cast_of_the_whole_model(models, written, preset, l
     loaded, _ = load_sd3_transformer(written(preset, layout), dtype=torch.float32, fp8=True)
     _check_fp8_model(loaded)
     _same(loaded.state_dict(), _cut(model.state_dict(), model, fp8=True))  # the same plain cast, in memory
+    # and what random weights with fp8 storage give (SD3_BLOCKS.store_fp8 on the whole model, cast as drawn)
+    _same(loaded.state_dict(), random_sd3(sd3_config(preset), seed=TINY_PRESETS.index(preset), fp8=True).state_dict())
     x = sd3_inputs(model.config)
     assert rel_err(run_sd3(loaded, x), run_sd3(model, x)) < 0.05
 
