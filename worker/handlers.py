@@ -129,67 +129,97 @@ class WorkerState:
         merger = self.mergers.get(key)
         return [[os.path.basename(path), strength] for (path, _), _, strength in (merger.current() if merger else [])]
 
+    # request type -> (the check rank 0 runs before relaying it, or None; the method every rank runs). The
+    # shell answers "shutdown" itself.
+    REQUESTS = {
+        "status": (None, "_status"),
+        "load_model": ("_check_load", "_load"),
+        "unload_model": (None, "_unload_request"),
+        "sample": ("_check_sample", "_sample"),
+        "decode": ("_check_vae", "_decode"),
+        "encode": ("_check_vae", "_encode"),
+        "shutdown": (None, None),
+    }
+    JOBS = ("sample", "decode", "encode")  # after these the CUDA cache goes back to the driver
+
     def validate(self, msg: dict, tensors: dict) -> None:
-        kind, args = msg["type"], msg.get("args", {})
-        if kind == "load_model":
-            _require(args.get("kind", "dit") in ("dit", "vae"), "load_model kind must be 'dit' or 'vae'")
-            path, preset = args.get("path"), args.get("random_preset")
-            if preset is not None:  # benchmarks: full-size shapes with random weights, no file
-                _require(preset in all_presets(), f"random_preset must be one of {sorted(all_presets())}")
-            else:
-                _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
-            dtypes = DTYPES if args.get("kind") == "vae" else WEIGHT_STORAGE
-            _require(args.get("dtype", "bf16") in dtypes, f"dtype must be one of {sorted(dtypes)}")
-            blocks = args.get("stage_blocks")
-            _require(blocks is None or (isinstance(blocks, list) and all(isinstance(n, int) for n in blocks)),
-                     "stage_blocks must be a list of block counts, one per pipeline stage, e.g. [20, 37]")
-            if args.get("parallel"):
-                try:
-                    ParallelConfig(**args["parallel"]).validate(world_size=self.world_size)
-                except (TypeError, ParallelConfigError) as e:
-                    raise RequestError(str(e)) from e
-        elif kind == "sample":
-            _require(args.get("model_key") in self.models, f"model {args.get('model_key')!r} is not loaded")
-            for name, ndim in (("positive.context", 3), ("latent", 4)):
-                _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
-            _require(args.get("shift") is None or float(args["shift"]) > 0, "shift must be a positive number")
-            _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
-            _require(isinstance(args.get("seed"), int), "seed must be an integer")
-            _require(args.get("sampler_name", "euler") in SAMPLERS, f"sampler_name must be one of {list(SAMPLERS)}")
-            _require(args.get("scheduler", "simple") in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")
-            _require(0.0 < float(args.get("denoise", 1.0)) <= 1.0, "denoise must be in (0, 1]")
-            for path, _strength in args.get("loras") or []:
-                _require(os.path.isfile(path), f"LoRA file not found: {path!r}")
-            for i, control in enumerate(args.get("controls") or []):
-                _require(os.path.isfile(control.get("path", "")), f"ControlNet file not found: {control.get('path')!r}")
-                _require(control.get("vae_path") is None or os.path.isfile(control["vae_path"]),
-                         f"VAE file not found: {control.get('vae_path')!r}")
-                _require(f"control_image_{i}" in tensors, f"ControlNet {i} has no image")
-            if args.get("fail_on_rank") is not None:
-                _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
-        elif kind in ("decode", "encode"):
-            _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
-            name, ndim = ("samples", 4) if kind == "decode" else ("images", 4)
-            _require(name in tensors and tensors[name].dim() == ndim, f"{kind} needs a {ndim}-d '{name}' tensor")
-        elif kind not in ("status", "unload_model", "shutdown"):
+        kind = msg["type"]
+        if kind not in self.REQUESTS:
             raise RequestError(f"request type {kind!r} is not supported by this worker yet", kind="unsupported")
+        check = self.REQUESTS[kind][0]
+        if check is not None:
+            getattr(self, check)(kind, msg.get("args", {}), tensors)
+
+    def _check_load(self, _kind: str, args: dict, tensors: dict) -> None:
+        _require(args.get("kind", "dit") in ("dit", "vae"), "load_model kind must be 'dit' or 'vae'")
+        path, preset = args.get("path"), args.get("random_preset")
+        if preset is not None:  # benchmarks: full-size shapes with random weights, no file
+            _require(preset in all_presets(), f"random_preset must be one of {sorted(all_presets())}")
+        else:
+            _require(isinstance(path, str) and os.path.isfile(path), f"model file not found: {path!r}")
+        dtypes = DTYPES if args.get("kind") == "vae" else WEIGHT_STORAGE
+        _require(args.get("dtype", "bf16") in dtypes, f"dtype must be one of {sorted(dtypes)}")
+        blocks = args.get("stage_blocks")
+        _require(blocks is None or (isinstance(blocks, list) and all(isinstance(n, int) for n in blocks)),
+                 "stage_blocks must be a list of block counts, one per pipeline stage, e.g. [20, 37]")
+        if args.get("parallel"):
+            try:
+                ParallelConfig(**args["parallel"]).validate(world_size=self.world_size)
+            except (TypeError, ParallelConfigError) as e:
+                raise RequestError(str(e)) from e
+
+    def _check_sample(self, _kind: str, args: dict, tensors: dict) -> None:
+        _require(args.get("model_key") in self.models, f"model {args.get('model_key')!r} is not loaded")
+        for name, ndim in (("positive.context", 3), ("latent", 4)):
+            _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
+        _require(args.get("shift") is None or (isinstance(args["shift"], (int, float)) and args["shift"] > 0),
+                 "shift must be a positive number")
+        _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
+        _require(isinstance(args.get("seed"), int), "seed must be an integer")
+        _require(args.get("sampler_name", "euler") in SAMPLERS, f"sampler_name must be one of {list(SAMPLERS)}")
+        _require(args.get("scheduler", "simple") in SCHEDULERS, f"scheduler must be one of {list(SCHEDULERS)}")
+        _require(0.0 < float(args.get("denoise", 1.0)) <= 1.0, "denoise must be in (0, 1]")
+        for path, _strength in args.get("loras") or []:
+            _require(os.path.isfile(path), f"LoRA file not found: {path!r}")
+        for i, control in enumerate(args.get("controls") or []):
+            _require(os.path.isfile(control.get("path", "")), f"ControlNet file not found: {control.get('path')!r}")
+            _require(control.get("vae_path") is None or os.path.isfile(control["vae_path"]),
+                     f"VAE file not found: {control.get('vae_path')!r}")
+            _require(f"control_image_{i}" in tensors, f"ControlNet {i} has no image")
+        if args.get("fail_on_rank") is not None:
+            _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
+
+    def _check_vae(self, kind: str, args: dict, tensors: dict) -> None:
+        _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
+        name, ndim = ("samples", 4) if kind == "decode" else ("images", 4)
+        _require(name in tensors and tensors[name].dim() == ndim, f"{kind} needs a {ndim}-d '{name}' tensor")
 
     # --- every rank ---------------------------------------------------------------------
     def handle(self, msg: dict, tensors: dict, progress) -> tuple[dict, dict]:
-        kind, args = msg["type"], msg.get("args", {})
-        if kind == "status":
-            return self.describe(refresh=True), {}
-        if kind == "load_model":
-            return self._load_model(args, progress), {}
-        if kind == "unload_model":
-            return self._unload(args.get("model_key")), {}
-        if kind not in ("sample", "decode", "encode"):
+        kind = msg["type"]
+        run = self.REQUESTS.get(kind, (None, None))[1]
+        if run is None:
             raise RequestError(f"request type {kind!r} is not supported", kind="unsupported")
         try:
-            return self._sample(args, tensors, progress) if kind == "sample" else self._vae(kind, args, tensors)
+            return getattr(self, run)(msg.get("args", {}), tensors, progress)
         finally:
-            if self.device.type == "cuda":  # cache back to the driver, for ComfyUI's text encoders (~3 ms a job)
+            if kind in self.JOBS and self.device.type == "cuda":  # for ComfyUI's text encoders (~3 ms a job)
                 torch.cuda.empty_cache()
+
+    def _status(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        return self.describe(refresh=True), {}
+
+    def _load(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        return (self._load_vae(args) if args.get("kind") == "vae" else self._load_model(args, progress)), {}
+
+    def _unload_request(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        return self._unload(args.get("model_key")), {}
+
+    def _decode(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        return self._vae("decode", args, tensors)
+
+    def _encode(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        return self._vae("encode", args, tensors)
 
     def _mesh(self, config: ParallelConfig) -> ParallelMesh:
         if config not in self.meshes:
@@ -197,8 +227,6 @@ class WorkerState:
         return self.meshes[config]
 
     def _load_model(self, args: dict, progress=None) -> dict:
-        if args.get("kind") == "vae":
-            return self._load_vae(args)
         dtype = args.get("dtype", "bf16")
         source = f"random:{args['random_preset']}" if args.get("random_preset") else os.path.abspath(args["path"])
         layout = ",".join(f"{k}={v}" for k, v in sorted((args.get("parallel") or {}).items())) or "auto"

@@ -305,7 +305,8 @@ def test_lora_with_pipefusion_patches_each_stages_blocks(pool2, checkpoint, tmp_
     with the LoRA merged, and strength 0 gives the base back."""
     from safetensors.torch import save_file
 
-    from comfy_xdit.models.flux.lora import LoraMerger, load_flux_lora, model_shapes
+    from comfy_xdit.models.flux.lora import load_flux_lora
+    from comfy_xdit.models.lora import LoraMerger, model_shapes
 
     base = FluxModel.load(checkpoint, dtype=torch.float32)
     width = base.config["num_attention_heads"] * base.config["attention_head_dim"]

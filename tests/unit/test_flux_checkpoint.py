@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from comfy_xdit.models.checkpoint import CheckpointError, read_state_dict
 from comfy_xdit.models.flux.checkpoint import (
-    PREFIX, CheckpointError, bfl_to_diffusers, detect_layout, diffusers_to_bfl, flux_config_from_state_dict,
-    flux_variant, load_flux_transformer, read_state_dict, rope_axes_for_head_dim)
+    PREFIX, bfl_to_diffusers, detect_layout, diffusers_to_bfl, flux_config_from_state_dict, flux_variant,
+    load_flux_transformer, rope_axes_for_head_dim)
 from tests.flux_tiny import make_tiny_flux, tiny_flux_config, write_flux_checkpoint
 
 

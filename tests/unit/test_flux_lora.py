@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_xdit.models.flux.checkpoint import bfl_to_diffusers, diffusers_to_bfl, load_flux_transformer
-from comfy_xdit.models.flux.lora import (LoraError, LoraMerger, LoraPatch, load_flux_lora, lora_rank_info,
-                                         model_shapes)
+from comfy_xdit.models.flux.lora import load_flux_lora, lora_rank_info
+from comfy_xdit.models.lora import LoraError, LoraMerger, LoraPatch, model_shapes
 from tests.flux_tiny import make_tiny_flux, tiny_flux_config, write_flux_checkpoint
 
 CFG = tiny_flux_config()

@@ -9,8 +9,10 @@ import random
 
 import torch
 
-from comfy_xdit.models.flux.checkpoint import load_flux_transformer, read_state_dict, store_blocks_fp8
-from comfy_xdit.models.flux.lora import FluxLora, LoraMerger, LoraPatch
+from comfy_xdit.models.checkpoint import read_state_dict
+from comfy_xdit.models.flux.checkpoint import load_flux_transformer, store_blocks_fp8
+from comfy_xdit.models.flux.lora import FluxLora
+from comfy_xdit.models.lora import LoraMerger, LoraPatch
 from comfy_xdit.models.fp8 import FP8, Fp8Linear
 from tests.flux_tiny import make_tiny_flux, rel_err, write_flux_checkpoint
 
