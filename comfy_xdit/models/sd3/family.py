@@ -38,6 +38,11 @@ class SD3Family(Family):
     def variant(self, config):
         return sd3_variant(config)
 
+    def load_lora(self, path, shapes):
+        from .lora import load_sd3_lora
+
+        return load_sd3_lora(path, shapes)
+
     def model_sampling(self, config, latent_shape, shift=None):
         return DiscreteFlowModelSampling(SD3_SHIFT if shift is None else shift, multiplier=TIMESTEP_SCALE)
 
