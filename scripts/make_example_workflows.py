@@ -1,4 +1,4 @@
-"""Writes example_workflows/: each Flux workflow in ComfyUI's UI format (for the template
+"""Writes example_workflows/: each Flux and SD3 workflow in ComfyUI's UI format (for the template
 browser and drag-and-drop) and in API format (for POST /prompt), from one description so
 the two never drift apart.
 
@@ -60,8 +60,29 @@ def with_controlnet(base: dict) -> dict:
     return wf
 
 
+SD3_TXT2IMG = {  # SD3.5 Large at cfg 4.5: cfg parallel is its main win on 2 GPUs ("auto" picks USP)
+    1: ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                             "clip_name3": "t5xxl_fp16.safetensors"}, {}, [("CLIP", "CLIP")]),
+    2: ("CLIPTextEncode", {"text": "a red fox in a snowy forest at dawn, photograph"},
+        {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    3: ("CLIPTextEncode", {"text": "blurry, low quality"}, {"clip": (1, 0, "CLIP")},
+        [("CONDITIONING", "CONDITIONING")]),
+    4: ("XDiTModelLoader", {"unet_name": "sd3.5_large.safetensors", "weight_dtype": "bf16", "gpus": 2,
+                            "strategy": "cfg_parallel", "ulysses_degree": 1, "ring_degree": 1}, {},
+        [("XDIT_MODEL", "XDIT_MODEL")]),
+    5: ("XDiTModelSamplingSD3", {"shift": 3.0}, {"model": (4, 0, "XDIT_MODEL")}, [("XDIT_MODEL", "XDIT_MODEL")]),
+    6: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, [("LATENT", "LATENT")]),
+    7: ("XDiTSampler", {"seed": 42, "steps": 28, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple",
+                        "denoise": 1.0},
+        {"model": (5, 0, "XDIT_MODEL"), "positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING"),
+         "latent_image": (6, 0, "LATENT")}, [("LATENT", "LATENT")]),
+    8: ("XDiTVAELoader", {"vae_name": "sd3_vae.safetensors", "gpus": 2}, {}, [("XDIT_VAE", "XDIT_VAE")]),
+    9: ("XDiTVAEDecode", {}, {"samples": (7, 0, "LATENT"), "vae": (8, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")]),
+    10: ("SaveImage", {"filename_prefix": "xdit_sd3"}, {"images": (9, 0, "IMAGE")}, []),
+}
+
 WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
-             "flux_controlnet_xdit": with_controlnet(TXT2IMG)}
+             "flux_controlnet_xdit": with_controlnet(TXT2IMG), "sd3_txt2img_xdit": SD3_TXT2IMG}
 
 
 UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt
