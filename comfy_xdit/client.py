@@ -177,11 +177,11 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
 def _header_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None:
     """memory.estimate_memory for the handle from its file's header (no tensor read): the weights as the
     handle stores them (fp8, PipeFusion stages) and, with a latent shape, the activations per image (twice
-    with cfg on one rank). "auto" is sized as sequence parallelism over all GPUs, the most it picks. None
+    with cfg on one rank). "auto" is sized as the layout it picks when the model fits (memory.preferred_layout). None
     where the header cannot be read or the layout is invalid: the file-size rule then, the load's own error
     later."""
     from .config import ParallelConfig
-    from .memory import estimate_memory
+    from .memory import estimate_memory, preferred_layout
     from .models.checkpoint import CheckpointError
     from .models.family import read_info
 
@@ -189,7 +189,7 @@ def _header_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None
         family, info = read_info(handle.path)
         config = info.config
         parallel = (ParallelConfig(**dict(handle.parallel)) if handle.parallel else
-                    ParallelConfig.for_sequence_parallel(handle.gpus, family.num_heads(config)))
+                    preferred_layout(family, config, handle.gpus))
         image = (shape[3] * 8, shape[2] * 8) if shape else None
         estimate = max(estimate_memory(family, config, parallel, handle.dtype, image), key=lambda e: e.total)
     except (CheckpointError, ValueError, KeyError, TypeError):

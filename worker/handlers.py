@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
-from comfy_xdit.memory import WEIGHT_STORAGE, NotEnoughMemory, auto_layout, block_costs, check_memory, stage_bounds
+from comfy_xdit.memory import (WEIGHT_STORAGE, NotEnoughMemory, auto_layout, block_costs, check_memory, preferred_layout,
+                               stage_bounds)
 from comfy_xdit.models.checkpoint import CheckpointError
 from comfy_xdit.models.dit import DiTModel
 from comfy_xdit.models.family import all_presets, family_for_preset, read_info
@@ -253,7 +254,7 @@ class WorkerState:
                     parallel, dtype = auto_layout(family, config, self.world_size, dtype, *self._fullest_gpu())
                     compute, fp8 = WEIGHT_STORAGE[dtype]
                 else:
-                    parallel = ParallelConfig.for_sequence_parallel(self.world_size, heads)
+                    parallel = preferred_layout(family, config, self.world_size)
                 parallel.validate(world_size=self.world_size, num_heads=heads)
             except ParallelConfigError as e:
                 raise RequestError(str(e)) from e

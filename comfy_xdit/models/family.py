@@ -48,6 +48,7 @@ class Family:
     conditioning = ("context", "pooled")  # named tensors a denoiser needs ([B, T, D], [B, P])
     optional_conditioning: tuple = ()     # e.g. ("guidance",)
     presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
+    guided = False                 # usually sampled with cfg > 1 (a negative prompt): "auto" picks CFG parallel
 
     # --- checkpoints ---------------------------------------------------------------------------
     def detect(self, keys) -> str | None:

@@ -70,3 +70,20 @@ def test_presets_resolve_to_their_family():
     assert family_for_preset("flux-dev").name == "flux" and family_for_preset("sd3.5-large").name == "sd3"
     with pytest.raises(ValueError, match="unknown random preset 'sdxl'"):
         family_for_preset("sdxl")
+
+
+def test_auto_prefers_cfg_parallel_for_guided_families():
+    from comfy_xdit.config import ParallelConfig
+    from comfy_xdit.memory import GB, auto_layout, preferred_layout
+    from comfy_xdit.models.flux import FLUX
+    from comfy_xdit.models.sd3 import SD3
+
+    sd3, flux = SD3.preset_config("sd3.5-large"), FLUX.preset_config("flux-dev")
+    assert preferred_layout(SD3, sd3, 2) == ParallelConfig(cfg_degree=2)
+    assert preferred_layout(SD3, sd3, 4) == ParallelConfig(cfg_degree=2, ulysses_degree=2)
+    assert preferred_layout(SD3, sd3, 3) == ParallelConfig(ring_degree=3)  # 38 heads: no Ulysses 3
+    assert preferred_layout(FLUX, flux, 2) == ParallelConfig(ulysses_degree=2)
+    assert auto_layout(SD3, sd3, 2, "bf16", 80 * GB, "cuda:0") == (ParallelConfig(cfg_degree=2), "bf16")
+    # 16 GB per GPU does not hold SD3.5 Large's 16.3 GB of bf16 weights: two PipeFusion stages do
+    layout, storage = auto_layout(SD3, sd3, 2, "bf16", 16 * GB, "cuda:0")
+    assert layout.pipefusion_degree == 2 and storage == "bf16"

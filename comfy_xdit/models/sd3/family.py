@@ -25,6 +25,7 @@ class SD3Family(Family):
     patch_size = 2
     conditioning = ("context", "pooled")
     presets = SD3_PRESETS
+    guided = True  # SD3 / SD3.5 run at cfg 4-5
 
     def detect(self, keys):
         return detect_sd3_layout(keys)
