@@ -437,6 +437,17 @@ def _check_cond(name: str, cond, batch: int) -> None:
             raise ValueError(f"conditioning batch {t.shape[0]} does not divide latent batch {batch}")
 
 
+def _cfg_batch(positive: Mapping, negative: Mapping, n: int) -> dict | None:
+    """{name: [cond rows | uncond rows]} for a latent batch of n, or None where the two do not stack (other
+    names or shapes, e.g. text lengths)."""
+    if positive.keys() != negative.keys():
+        return None
+    rows = {k: (_cond_rows(positive[k], n, 0, n), _cond_rows(negative[k], n, 0, n)) for k in positive}
+    if any(c.shape[1:] != u.shape[1:] for c, u in rows.values()):
+        return None
+    return {k: torch.cat([c.expand(n, *c.shape[1:]), u.expand(n, *u.shape[1:])]) for k, (c, u) in rows.items()}
+
+
 def _cfg_parallel(branch: DenoiseFn, cfg: float, group) -> DenoiseFn:
     """This rank's branch (cfg index 0: cond, 1: uncond), swapped with its partner, combined as the serial path does."""
 
@@ -523,7 +534,15 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
     elif guided and cfg_degree > 1:
         branch = negative if mesh.rank("cfg") == 1 else positive
         denoise_fn = _cfg_parallel(model.denoiser(branch, chunk), cfg, mesh.group("cfg"))
-    elif guided:
+    elif guided and (both := _cfg_batch(positive, negative, chunk[0])) is not None:
+        # cond and uncond as one batch of 2n, as ComfyUI batches them: one forward per step, and larger GEMMs
+        # (SD3.5 Large 1024 px on one H200: 5.31 s -> see BENCHMARKS.md)
+        pair = model.denoiser(both, (2 * chunk[0], *chunk[1:]))
+
+        def denoise_fn(x, sigma):
+            c, u = pair(torch.cat([x, x]), sigma).chunk(2)
+            return u + (c - u) * cfg
+    elif guided:  # conditioning of different shapes (text lengths): two forwards
         cond = model.denoiser(positive, chunk)
         uncond = model.denoiser(negative, chunk)
 

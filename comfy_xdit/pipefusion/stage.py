@@ -44,7 +44,7 @@ class DiTStage:
         self.control = None
         self.residuals = None
         self.mesh = model.mesh
-        self.sp_degree = self.mesh.sp_degree
+        self.sp_degree = self.mesh.sp_degree if self.mesh is not None else 1
         self.window = PatchWindow()
         self._indices: dict[tuple, tuple] = {}
         self.blocks = layout.blocks(self.transformer)[start:stop]

@@ -194,7 +194,7 @@ def _probe_one(name: str, dtype: torch.dtype, device: torch.device, sq: int, sk:
     out_ref, lse_ref = _attention_ref(q, k, v, scale)
     rec = dict(kernel=name, dtype=str(dtype).split(".")[-1], sq=sq, sk=sk)
     try:
-        raw = kernel_mod._IMPLS[name](*(t.transpose(1, 2) for t in (q, k, v)), scale)
+        raw = kernel_mod._IMPLS[name](*(t.transpose(1, 2) for t in (q, k, v)), scale, True)
         rec.update(raw_lse_shape=list(raw[1].shape), raw_lse_dtype=str(raw[1].dtype).split(".")[-1])
         out, lse = get_kernel(name)(q, k, v, softmax_scale=scale)
         _sync(device)

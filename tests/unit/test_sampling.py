@@ -289,19 +289,34 @@ class _Recorder:
 
     def denoiser(self, cond, shape):
         self.built.append((cond, shape))
-        bias = float(cond["context"].mean())
+        bias = cond["context"].mean(dim=(1, 2)).view(-1, 1, 1, 1)  # one value per batch row
         return lambda x, sigma: 0.5 * x + bias
 
 
 def test_sample_hands_the_conditioning_dicts_to_the_model_as_they_are():
     model, latent = _Recorder(), torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
     pos = {"context": torch.ones(1, 3, 8), "pooled": torch.zeros(2, 5), "guidance": torch.tensor([3.5])}
-    neg = {"context": -torch.ones(2, 3, 8), "pooled": torch.zeros(1, 5), "guidance": torch.tensor([3.5])}
-    guided = sample(model, pos, latent, 4, 3, cfg=2.5, negative=neg)
+    neg = {"context": -torch.ones(2, 4, 8), "pooled": torch.zeros(1, 5), "guidance": torch.tensor([3.5])}
+    guided = sample(model, pos, latent, 4, 3, cfg=2.5, negative=neg)  # text lengths differ: two forwards
     assert [c for c, _ in model.built] == [pos, neg] and all(s == (2, 16, 4, 4) for _, s in model.built)
     assert model.built[0][0] is pos and model.built[1][0] is neg and model.sampling_shapes == [(2, 16, 4, 4)]
     plain = sample(_Recorder(), pos, latent, 4, 3, negative=neg)  # cfg 1: the negative is not run
     assert not torch.allclose(guided, plain)
+    manual = _Recorder()
+    manual.denoiser = lambda cond, shape: (lambda x, s: (0.5 * x - 1.0) + ((0.5 * x + 1.0) - (0.5 * x - 1.0)) * 2.5)
+    assert torch.equal(guided, sample(manual, pos, latent, 4, 3))
+
+
+def test_cond_and_uncond_of_one_shape_run_as_one_batch():
+    """As ComfyUI batches them: one denoiser over [cond rows | uncond rows], each row its own conditioning."""
+    model, latent = _Recorder(), torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    pos = {"context": torch.ones(1, 3, 8), "pooled": torch.arange(10.0).view(2, 5)}
+    neg = {"context": -torch.ones(2, 3, 8), "pooled": torch.zeros(1, 5)}
+    guided = sample(model, pos, latent, 4, 3, cfg=2.5, negative=neg)
+    ((cond, shape),) = model.built
+    assert shape == (4, 16, 4, 4)
+    assert torch.equal(cond["context"], torch.cat([torch.ones(2, 3, 8), -torch.ones(2, 3, 8)]))
+    assert torch.equal(cond["pooled"], torch.cat([torch.arange(10.0).view(2, 5), torch.zeros(2, 5)]))
     manual = _Recorder()
     manual.denoiser = lambda cond, shape: (lambda x, s: (0.5 * x - 1.0) + ((0.5 * x + 1.0) - (0.5 * x - 1.0)) * 2.5)
     assert torch.equal(guided, sample(manual, pos, latent, 4, 3))
