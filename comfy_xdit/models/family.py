@@ -75,7 +75,7 @@ class Family:
 
     # --- LoRA and ControlNets (families without them refuse with a clear error) ---------------------
     def load_lora(self, path, shapes: dict):
-        """A parsed LoRA checked against the whole model's parameter shapes (models/flux/lora.py's contract)."""
+        """A parsed LoRA (models/lora.ParsedLora) checked against the whole model's parameter shapes."""
         raise CheckpointError(f"{path}: LoRAs for {self.label} models are not supported yet")
 
     def load_controlnet(self, path, dtype, device):
