@@ -124,7 +124,8 @@ def test_txt2img_to_image_on_two_ranks_equals_one_rank(env):
 
 def test_sd3_through_the_same_nodes_cfg_parallel_and_shift(env):
     """An SD3.5 full checkpoint through the loader, ModelSamplingSD3 (xDiT) and the sampler at cfg 4.5 on 2
-    ranks (cfg parallel) equals the same file sampled here; the shift reaches the workers."""
+    ranks (cfg parallel, Ulysses, PipeFusion) and on 1 equals the same file sampled here; the shift reaches the
+    workers."""
     pack, _, models, _ = env
     nodes = pack.NODE_CLASS_MAPPINGS
     g = torch.Generator().manual_seed(21)
@@ -134,13 +135,15 @@ def test_sd3_through_the_same_nodes_cfg_parallel_and_shift(env):
 
     positive, negative = cond(), cond()
     results = {}
-    for gpus, strategy, shift in ((2, "cfg_parallel", None), (1, "auto", None), (2, "ulysses", 6.0)):
-        (model,) = nodes["XDiTModelLoader"]().load("sd35_tiny.safetensors", "fp32", gpus, strategy)
+    runs = ((2, "cfg_parallel", None, {}), (1, "auto", None, {}), (2, "ulysses", 6.0, {}),
+            (2, "pipefusion", None, dict(pipefusion_degree=2, num_pipeline_patch=2, warmup_steps=STEPS)))
+    for gpus, strategy, shift, options in runs:  # pipefusion: stage-only reads of the SAI file, synchronous steps
+        (model,) = nodes["XDiTModelLoader"]().load("sd35_tiny.safetensors", "fp32", gpus, strategy, **options)
         if shift is not None:
             (model,) = nodes["XDiTModelSamplingSD3"]().patch(model, shift)
         (out,) = nodes["XDiTSampler"]().sample(model, positive, negative, _latent(h=12, w=8), 7, STEPS, 4.5,
                                                "euler", "simple", 1.0)
-        results[(gpus, shift)] = out["samples"]
+        results[(gpus, shift, strategy)] = out["samples"]
     ref_model = DiTModel.load(str(models / "diffusion_models" / "sd35_tiny.safetensors"), dtype=torch.float32)
     assert ref_model.family.name == "sd3" and ref_model.info.full_checkpoint
 
@@ -151,9 +154,10 @@ def test_sd3_through_the_same_nodes_cfg_parallel_and_shift(env):
                       negative={"context": negative[0][0], "pooled": negative[0][1]["pooled_output"]})
 
     ref = reference(None)
-    assert _rel(results[(2, None)], ref) <= 1e-4 and _rel(results[(1, None)], ref) <= 1e-4
+    for key in ((2, None, "cfg_parallel"), (1, None, "auto"), (2, None, "pipefusion")):
+        assert _rel(results[key], ref) <= 1e-4, key
     shifted = reference(6.0)
-    assert _rel(results[(2, 6.0)], shifted) <= 1e-4 and _rel(shifted, ref) > 1e-3
+    assert _rel(results[(2, 6.0, "ulysses")], shifted) <= 1e-4 and _rel(shifted, ref) > 1e-3
 
 
 def test_lora_strength_zero_is_the_base_and_one_is_a_hand_merge(env):
