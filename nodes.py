@@ -18,7 +18,7 @@ import folder_paths
 from .comfy_xdit.client import (Conditioning, Control, ControlNetHandle, Engine, ModelHandle, VaeHandle,
                                 WEIGHT_DTYPES, available_devices)
 from .comfy_xdit.pool.controller import PoolError
-from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS
+from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS, resolution_shift
 from .comfy_xdit.web_status import ActivityTracker, make_event_sender, register_routes
 
 CATEGORY = "xDiT"
@@ -243,6 +243,29 @@ class XDiTModelSamplingShift:
         return (dataclasses.replace(model, shift=float(shift)),)
 
 
+class XDiTModelSamplingFromSize:
+    DESCRIPTION = ("Sets an xDiT model's sampling shift from an image size, as ComfyUI's ModelSamplingFlux does on a "
+                   "MODEL (without it Flux samples at shift 1.15, schnell 1.0, at every size, as KSampler does).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("XDIT_MODEL",),
+            "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 8}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 8}),
+        }}
+
+    RETURN_TYPES = ("XDIT_MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, max_shift, base_shift, width, height):
+        shift = resolution_shift(width * height / 256, base_shift=base_shift, max_shift=max_shift)
+        return (dataclasses.replace(model, shift=shift),)
+
+
 class XDiTSampler:
     DESCRIPTION = "Denoises a latent with an xDiT model across the pool's GPUs (KSampler's settings and noise)."
 
@@ -391,6 +414,7 @@ NODE_CLASS_MAPPINGS = {
     "XDiTLoraLoader": XDiTLoraLoader,
     "XDiTSampler": XDiTSampler,
     "XDiTModelSamplingSD3": XDiTModelSamplingShift,
+    "XDiTModelSamplingFlux": XDiTModelSamplingFromSize,
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,
@@ -402,6 +426,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTLoraLoader": "LoRA (xDiT)",
     "XDiTSampler": "Sampler (xDiT)",
     "XDiTModelSamplingSD3": "ModelSamplingSD3 (xDiT)",
+    "XDiTModelSamplingFlux": "ModelSamplingFlux (xDiT)",
     "XDiTVAELoader": "VAE Loader (xDiT)",
     "XDiTVAEDecode": "VAE Decode (xDiT)",
     "XDiTVAEEncode": "VAE Encode (xDiT)",

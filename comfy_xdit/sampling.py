@@ -39,11 +39,14 @@ class LatentFormat:
         return x / self.scale + self.shift
 
 
-def flux_shift_mu(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15,
+def resolution_shift(image_tokens: float, base_shift: float = 0.5, max_shift: float = 1.15,
                   base_tokens: int = 256, max_tokens: int = 4096) -> float:
-    """Resolution-dependent time shift: linear in image tokens (ComfyUI's ModelSamplingFlux)."""
+    """Resolution-dependent time shift, linear in image tokens: what ComfyUI's ModelSamplingFlux node sets from
+    its width and height (image_tokens = width * height / 256), with the node's operations in its order, so the
+    value is the same float."""
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
-    return base_shift + slope * (image_tokens - base_tokens)
+    intercept = base_shift - slope * base_tokens
+    return image_tokens * slope + intercept
 
 
 def flux_time_shift(mu: float, t):

@@ -171,3 +171,13 @@ def test_loader_passes_pipefusion_and_compile_options_to_the_workers(pack, monke
     args = handle.load_args()
     assert args["parallel"]["pipefusion_degree"] == 2 and args["dtype"] == "fp8_e4m3fn"
     assert (args["num_pipeline_patch"], args["warmup_steps"], args["compile"]) == (4, 3, True)
+
+
+def test_model_sampling_nodes_set_the_shift_as_comfyuis_do(pack):
+    from comfy_xdit.client import ModelHandle
+
+    nodes, handle = pack.NODE_CLASS_MAPPINGS, ModelHandle(path="model.safetensors")
+    (flux,) = nodes["XDiTModelSamplingFlux"]().patch(handle, 1.15, 0.5, 128, 128)
+    (sd3,) = nodes["XDiTModelSamplingSD3"]().patch(handle, 6.0)
+    assert flux.shift == 0.46749999999999997 and sd3.shift == 6.0 and handle.shift is None  # ComfyUI's values
+    assert flux.load_args() == handle.load_args()  # the shift is a sampling setting: the model is not reloaded

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comfy_xdit.sampling import (SAMPLERS, SCHEDULERS, DiscreteFlowModelSampling, FluxModelSampling, LatentFormat,
-                                 beta_ppf, flux_shift_mu, get_sampler, ksampler_sigmas, make_sigmas, prepare_mask,
+                                 beta_ppf, resolution_shift, get_sampler, ksampler_sigmas, make_sigmas, prepare_mask,
                                  prepare_noise, sample, sample_dpmpp_2m, sample_euler, simple_sigmas)
 
 
@@ -13,7 +13,7 @@ def flux(mu):
 
 
 def test_simple_schedule_matches_comfyui_1024px_4_steps():
-    mu = flux_shift_mu((1024 // 16) * (1024 // 16))
+    mu = resolution_shift((1024 // 16) * (1024 // 16))
     assert mu == pytest.approx(1.15)
     sigmas = simple_sigmas(4, flux(mu))
     assert sigmas.tolist() == pytest.approx([1.0, 0.9045, 0.7595, 0.5128, 0.0], abs=5e-5)
@@ -31,9 +31,9 @@ def test_simple_schedule_picks_from_the_table():
 
 
 def test_shift_is_linear_in_tokens():
-    assert flux_shift_mu(256) == pytest.approx(0.5)
-    assert flux_shift_mu(4096) == pytest.approx(1.15)
-    assert flux_shift_mu(2176) == pytest.approx(0.825)
+    assert resolution_shift(256) == pytest.approx(0.5)
+    assert resolution_shift(4096) == pytest.approx(1.15)
+    assert resolution_shift(2176) == pytest.approx(0.825)
 
 
 def test_noise_follows_comfyui_rule():
@@ -334,3 +334,28 @@ def test_sample_keeps_its_conditioning_errors():
     sample(_Recorder(), pos, latent, 1, 2, negative={"context": torch.ones(2, 3, 8)})  # unused at cfg 1
     with pytest.raises(TypeError, match="positive must be a conditioning dict"):
         sample(_Recorder(), torch.ones(1, 3, 8), latent, 1, 2)
+
+
+# ComfyUI 0.3.64's ModelSamplingFlux.patch (comfy_extras/nodes_model_advanced.py): x1 = 256, x2 = 4096,
+# mm = (max_shift - base_shift) / (x2 - x1), b = base_shift - mm * x1, shift = (width * height / (8*8*2*2)) * mm + b,
+# evaluated once in ComfyUI's Python for these inputs (max_shift, base_shift, width, height) -> shift.
+COMFY_FLUX_NODE_SHIFTS = {(1.15, 0.5, 1024, 1024): 1.15, (1.15, 0.5, 128, 128): 0.46749999999999997,
+                          (1.15, 0.5, 768, 512): 0.7166666666666666, (1.15, 0.5, 2048, 2048): 3.2299999999999995,
+                          (2.0, 0.3, 1344, 768): 1.9716666666666667}
+
+
+@pytest.mark.parametrize("inputs", list(COMFY_FLUX_NODE_SHIFTS))
+def test_resolution_shift_is_comfyuis_model_sampling_flux_node_to_the_bit(inputs):
+    max_shift, base_shift, width, height = inputs
+    got = resolution_shift(width * height / 256, base_shift=base_shift, max_shift=max_shift)
+    assert got == COMFY_FLUX_NODE_SHIFTS[inputs]  # exact: the same operations in the same order
+
+
+def test_flux_samples_at_comfyuis_constant_shift_at_every_size():
+    """KSampler on a Flux checkpoint without ModelSamplingFlux: shift 1.15 (dev) / 1.0 (schnell) at any size."""
+    from comfy_xdit.models.flux import FLUX
+
+    dev, schnell = FLUX.preset_config("flux-dev"), FLUX.preset_config("flux-schnell")
+    for shape in ((1, 16, 16, 16), (1, 16, 128, 128), (1, 16, 256, 192)):
+        assert FLUX.model_sampling(dev, shape).shift == 1.15 and FLUX.model_sampling(schnell, shape).shift == 1.0
+    assert FLUX.model_sampling(dev, (1, 16, 16, 16), shift=0.4675).shift == 0.4675  # the node's override

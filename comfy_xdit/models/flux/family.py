@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxTransformer2DModel
 
-from ...sampling import FluxModelSampling, LatentFormat, flux_shift_mu
+from ...sampling import FluxModelSampling, LatentFormat
 from ..family import Family, Step
 from .checkpoint import FLUX_BLOCKS, detect_layout_or_none, flux_variant, load_flux_transformer, read_flux_info
 from .random import PRESETS, flux_config
@@ -14,6 +14,8 @@ from .random import PRESETS, flux_config
 FLUX_LATENT = LatentFormat(channels=16, scale=0.3611, shift=0.1159)
 PATCH = 2  # Flux packs 2x2 latent pixels into one token
 DEFAULT_GUIDANCE = 3.5
+# ComfyUI's sampling_settings: Flux dev samples with ModelSamplingFlux's default shift, schnell with 1.0
+FLUX_SHIFT = {"dev": 1.15, "schnell": 1.0}
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +78,10 @@ class FluxFamily(Family):
         return ControlledFluxModel(model, [FluxControl(**c) for c in controls])
 
     def model_sampling(self, config, latent_shape, shift=None):
+        """ComfyUI's rule: a constant shift (dev 1.15, schnell 1.0) at every size, unless a ModelSamplingFlux node
+        sets one from its width and height (ModelSamplingFlux (xDiT): sampling.resolution_shift)."""
         if shift is None:
-            h, w = latent_shape[-2:]
-            shift = 1.0 if flux_variant(config) == "schnell" else flux_shift_mu((h // PATCH) * (w // PATCH))
+            shift = FLUX_SHIFT[flux_variant(config)]
         return FluxModelSampling(shift)
 
     def prologue(self, transformer, x, sigma, cond, embed=True) -> Step:
