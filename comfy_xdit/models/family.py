@@ -116,8 +116,9 @@ class Family:
                              f"(use EmptySD3LatentImage, not EmptyLatentImage)")
         if h % self.patch_size or w % self.patch_size:
             px = 8 * self.patch_size
-            raise ValueError(f"latent {h}x{w} does not split into {self.patch_size}x{self.patch_size} patches: "
-                             f"{self.label} needs image sizes that are multiples of {px} px (got {w * 8}x{h * 8})")
+            raise ValueError(f"a {w * 8}x{h * 8} px image (width x height; latent {w}x{h}) does not split into "
+                             f"{self.patch_size}x{self.patch_size} patches: {self.label} needs image sizes that are "
+                             f"multiples of {px} px")
 
     # --- the forward, decomposed ---------------------------------------------------------------------
     def prologue(self, transformer, x: torch.Tensor, sigma: torch.Tensor, cond: dict, embed: bool = True) -> Step:

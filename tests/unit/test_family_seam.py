@@ -87,3 +87,11 @@ def test_auto_prefers_cfg_parallel_for_guided_families():
     # 16 GB per GPU does not hold SD3.5 Large's 16.3 GB of bf16 weights: two PipeFusion stages do
     layout, storage = auto_layout(SD3, sd3, 2, "bf16", 16 * GB, "cuda:0")
     assert layout.pipefusion_degree == 2 and storage == "bf16"
+
+
+def test_size_errors_give_width_then_height_in_pixels_and_latent():
+    from comfy_xdit.models.flux import FLUX
+
+    with pytest.raises(ValueError) as e:
+        FLUX.check_latent(FLUX.preset_config("tiny"), (1, 16, 7, 12))  # latent height 7, width 12
+    assert str(e.value).startswith("a 96x56 px image (width x height; latent 12x7) does not split into 2x2 patches")
