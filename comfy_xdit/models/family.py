@@ -9,6 +9,7 @@ block list (models/dit.py, pipefusion/stage.py).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -46,7 +47,6 @@ class Family:
     latent_format = None           # sampling.LatentFormat
     patch_size = 2                 # latent pixels per token side
     conditioning = ("context", "pooled")  # named tensors a denoiser needs ([B, T, D], [B, P])
-    optional_conditioning: tuple = ()     # e.g. ("guidance",)
     presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
     guided = False                 # usually sampled with cfg > 1 (a negative prompt): "auto" picks CFG parallel
 
@@ -165,20 +165,15 @@ def register(family: Family) -> Family:
     return family
 
 
-def family_named(name: str) -> Family:
-    for f in _families():
-        if f.name == name:
-            return f
-    raise ValueError(f"unknown model family {name!r}; known: {', '.join(f.name for f in _families())}")
-
-
-def _families() -> list[Family]:
-    """Every family package under models/ (each registers its spec on import), found without naming them."""
+@functools.cache
+def _families() -> tuple[Family, ...]:
+    """Every family package under models/ (each registers its spec on import), found without naming them; the
+    folder is scanned once, not on every load request."""
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
         if info.ispkg:
-            importlib.import_module(f"{__package__}.{info.name}")  # once: later calls find it imported
-    return sorted(FAMILIES, key=lambda f: f.name)
+            importlib.import_module(f"{__package__}.{info.name}")
+    return tuple(sorted(FAMILIES, key=lambda f: f.name))
 
 
 def known_families() -> str:

@@ -217,7 +217,6 @@ def _check_fits(expected, sd):
 
 FLUX_BLOCKS = BlockLayout(containers=("transformer_blocks", "single_transformer_blocks"),
                           embedders=("x_embedder", "context_embedder"), head=("norm_out", "proj_out"))
-EMBEDDERS, HEAD = FLUX_BLOCKS.embedders, FLUX_BLOCKS.head
 keep_stage = FLUX_BLOCKS.keep_stage
 store_blocks_fp8 = FLUX_BLOCKS.store_fp8
 

@@ -47,7 +47,6 @@ class FluxFamily(Family):
     latent_format = FLUX_LATENT
     patch_size = PATCH
     conditioning = ("context", "pooled")
-    optional_conditioning = ("guidance",)
     presets = {name: flux_config(name) for name in PRESETS}
 
     def detect(self, keys):
