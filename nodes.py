@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from .comfy_model import CONTROL_KEY, make_model
 from .comfy_xdit.client import (Conditioning, Control, ControlNetHandle, Engine, ModelHandle, VaeHandle,
                                 WEIGHT_DTYPES, available_devices)
 from .comfy_xdit.pool.controller import PoolError
@@ -22,7 +23,6 @@ from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS, resolution_shift
 from .comfy_xdit.web_status import ActivityTracker, make_event_sender, register_routes
 
 CATEGORY = "xDiT"
-CONTROL_KEY = "xdit_controls"  # our ControlNets travel in the conditioning as plain data
 
 
 def _comfy_gpus() -> set[int]:
@@ -303,6 +303,26 @@ class XDiTSampler:
         return (result,)
 
 
+class XDiTModelToComfy:
+    DESCRIPTION = ("The xDiT model as a ComfyUI MODEL: ComfyUI's own samplers (KSampler, KSamplerAdvanced, "
+                   "SamplerCustomAdvanced, ...) and MODEL nodes (ModelSamplingFlux, EasyCache, ...) drive it, and "
+                   "each call of the model runs on the pool. Same loaded model as the Sampler (xDiT) uses.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("XDIT_MODEL", {"tooltip": "From Load Diffusion Model (xDiT), after any "
+                                                                 "LoRA (xDiT) and ModelSampling (xDiT) nodes."})}}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A MODEL whose weights stay in the workers (ComfyUI's LoRA loaders and ControlNets cannot "
+                       "patch it: use LoRA (xDiT), and Apply ControlNet (xDiT) with the Sampler (xDiT)).",)
+    FUNCTION = "convert"
+    CATEGORY = CATEGORY
+
+    def convert(self, model):
+        return (make_model(ENGINE, model),)
+
+
 class XDiTVAELoader:
     DESCRIPTION = "Loads a VAE (ae.safetensors and friends) into the xDiT workers."
 
@@ -415,6 +435,7 @@ NODE_CLASS_MAPPINGS = {
     "XDiTSampler": XDiTSampler,
     "XDiTModelSamplingSD3": XDiTModelSamplingShift,
     "XDiTModelSamplingFlux": XDiTModelSamplingFromSize,
+    "XDiTModelToComfy": XDiTModelToComfy,
     "XDiTVAELoader": XDiTVAELoader,
     "XDiTVAEDecode": XDiTVAEDecode,
     "XDiTVAEEncode": XDiTVAEEncode,
@@ -427,6 +448,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTSampler": "Sampler (xDiT)",
     "XDiTModelSamplingSD3": "ModelSamplingSD3 (xDiT)",
     "XDiTModelSamplingFlux": "ModelSamplingFlux (xDiT)",
+    "XDiTModelToComfy": "xDiT Model to MODEL",
     "XDiTVAELoader": "VAE Loader (xDiT)",
     "XDiTVAEDecode": "VAE Decode (xDiT)",
     "XDiTVAEEncode": "VAE Encode (xDiT)",

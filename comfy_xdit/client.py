@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .pool.controller import PoolError, PoolOptions, RequestFailed, WorkerPool
+from .stepwise import CACHE_ENTRIES
 
 WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")  # fp8_e4m3fn: fp8 storage, bf16 compute
 
@@ -211,6 +212,8 @@ class Engine:
     _devices: tuple = ()                 # the pool's GPUs, rank order; () on CPU ranks
     _peaks: dict = field(default_factory=dict)  # job -> {device: peak bytes}, as the pool last reported
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _model_keys: dict = field(default_factory=dict)  # handle -> the pool's model key (the stepwise path's calls)
+    _sent: tuple = ("", frozenset())     # (pool id, conditioning keys the workers have cached) for forward()
 
     def pool(self, gpus: int, gpu_ids: tuple = ()) -> WorkerPool:
         devices = check_gpu_ids(tuple(gpu_ids), gpus)
@@ -221,6 +224,7 @@ class Engine:
             if self._pool is not None and (self._pool.options.nproc != gpus or set(self._devices) != set(devices)):
                 self._pool.shutdown()
                 self._pool = None
+                self._model_keys.clear()
             if self._pool is None:
                 gpu_list = _physical_gpus(devices) if devices else None
                 self._pool = WorkerPool(PoolOptions(nproc=gpus, device=device, gpus=gpu_list, **self.pool_options))
@@ -294,6 +298,38 @@ class Engine:
                                                                   cancel=cancel)
         self._record(job, reply)
         return out["samples"]
+
+    def forward(self, model: ModelHandle, x: torch.Tensor, timestep: torch.Tensor,
+                chunks: list[tuple[str, int, dict]], new_run: bool = False) -> torch.Tensor:
+        """One call of the diffusion model by ComfyUI's own sampling (the stepwise path): its raw output for x
+        [N, C, h, w] at ComfyUI's timestep [N]. chunks: (key, rows, {ComfyUI keyword: rows' tensor}) in row
+        order; a key's tensors travel only the first time (the workers cache them by key, and say when they
+        no longer hold one: then they are sent again). new_run: the first call of a sampling run, which asks
+        make_room for the job's memory first."""
+        if new_run or model not in self._model_keys:
+            job = ("sample", model, tuple(x.shape), False, ())
+            self._prepare(job, model, lambda: estimate_bytes("sample", model, tuple(x.shape)))
+            self._model_keys[model] = self._load(model)["model_key"]
+        pool = self.pool(model.gpus, model.gpu_ids)
+        args = dict(model_key=self._model_keys[model], chunks=[[key, int(rows)] for key, rows, _ in chunks],
+                    loras=[list(lora) for lora in model.loras])
+        for resend in (False, True):
+            pool_id, cached = self._sent
+            cached = set() if resend or pool_id != pool.pool_id else cached
+            tensors = {"x": x, "timestep": timestep}
+            for i, (key, _, cond) in enumerate(chunks):
+                if key not in cached:
+                    tensors.update({f"chunk{i}.{name}": t for name, t in cond.items()})
+            try:
+                _, out = pool.request("forward", args, tensors)
+            except RequestFailed as e:
+                if e.kind == "cond_missing" and not resend:  # evicted, or the pool restarted
+                    continue
+                raise
+            cached = cached | {key for key, _, _ in chunks}
+            self._sent = (pool.pool_id, cached if len(cached) <= 4 * CACHE_ENTRIES else set())
+            return out["out"]
+        raise AssertionError("unreachable: the resend either returns or raises")
 
     def decode(self, vae: VaeHandle, samples: torch.Tensor) -> torch.Tensor:
         return self._vae("decode", vae, "samples", samples, tuple(samples.shape))["images"]

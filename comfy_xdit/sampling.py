@@ -114,6 +114,10 @@ class FluxModelSampling(_TableSampling):
     def timestep(self, sigma):
         return sigma
 
+    def input_sigma(self, timestep):
+        """The sigma of a model call at ComfyUI's `timestep` (the inverse of timestep())."""
+        return timestep
+
     def sigma(self, timestep):
         return flux_time_shift(self.shift, timestep)
 
@@ -142,6 +146,10 @@ class DiscreteFlowModelSampling(_TableSampling):
 
     def timestep(self, sigma):
         return sigma * self.multiplier
+
+    def input_sigma(self, timestep):
+        """The sigma of a model call at ComfyUI's `timestep` (the inverse of timestep())."""
+        return timestep / self.multiplier
 
     def sigma(self, timestep):
         return time_snr_shift(self.shift, timestep / self.multiplier)

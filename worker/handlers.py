@@ -25,6 +25,7 @@ from comfy_xdit.imageops import fit_image
 from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
+from comfy_xdit.stepwise import CondCache, forward_rows, join_chunks
 from comfy_xdit.vae import loader as vae_loader
 from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel_encode
 
@@ -91,6 +92,7 @@ class WorkerState:
         self.vaes: dict[str, object] = {}
         self.controlnets: dict[str, tuple] = {}
         self.meshes: dict[ParallelConfig, ParallelMesh] = {}
+        self.conds = CondCache()  # the stepwise path's conditioning chunks, by the caller's key
         me = dict(rank=self.rank, pid=os.getpid(), host=socket.gethostname(), device=str(device))
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
@@ -137,11 +139,12 @@ class WorkerState:
         "load_model": ("_check_load", "_load"),
         "unload_model": (None, "_unload_request"),
         "sample": ("_check_sample", "_sample"),
+        "forward": ("_check_forward", "_forward"),
         "decode": ("_check_vae", "_decode"),
         "encode": ("_check_vae", "_encode"),
         "shutdown": (None, None),
     }
-    JOBS = ("sample", "decode", "encode")  # after these the CUDA cache goes back to the driver
+    JOBS = ("sample", "decode", "encode")  # not "forward": a step's call, the cache stays warm for the next  # after these the CUDA cache goes back to the driver
 
     def validate(self, msg: dict, tensors: dict) -> None:
         kind = msg["type"]
@@ -189,6 +192,34 @@ class WorkerState:
             _require(f"control_image_{i}" in tensors, f"ControlNet {i} has no image")
         if args.get("fail_on_rank") is not None:
             _require(os.environ.get(FAULT_INJECTION_ENV) == "1", "fault injection is off")
+
+    def _check_forward(self, _kind: str, args: dict, tensors: dict) -> None:
+        """One model call of ComfyUI's sampling: x [N, C, h, w], ComfyUI's timestep [N], and the conditioning
+        of each chunk of rows, sent once (tensors 'chunk<i>.<ComfyUI keyword>') and named by its key after."""
+        model = self.models.get(args.get("model_key"))
+        _require(model is not None, f"model {args.get('model_key')!r} is not loaded")
+        _require(model.mesh.config.pipefusion_degree == 1,
+                 "a ComfyUI MODEL cannot run a PipeFusion layout (it pipelines across steps, which only the "
+                 "Sampler (xDiT) drives): load the model with another strategy for it, or use the Sampler (xDiT)")
+        x, t = tensors.get("x"), tensors.get("timestep")
+        _require(x is not None and x.dim() >= 4, "forward needs an 'x' tensor [N, C, h, w]")
+        _require(t is not None and t.dim() == 1 and t.shape[0] == x.shape[0],
+                 "forward needs a 'timestep' tensor with one value per row of x")
+        chunks = args.get("chunks")
+        _require(isinstance(chunks, list) and chunks and all(isinstance(c, list) and len(c) == 2 for c in chunks),
+                 "forward needs chunks: [[key, rows], ...]")
+        _require(sum(int(rows) for _, rows in chunks) == x.shape[0], "the chunks' rows must add up to x's rows")
+        known = model.family.comfy_inputs
+        for i, (key, rows) in enumerate(chunks):
+            sent = [name.split(".", 1)[1] for name in tensors if name.startswith(f"chunk{i}.")]
+            if not sent and key not in self.conds:
+                raise RequestError(f"conditioning {key!r} is not cached", kind="cond_missing")
+            unknown = sorted(set(sent) - set(known))
+            _require(not unknown, f"{model.family.label} on the pool takes ComfyUI inputs "
+                                  f"{', '.join(sorted(known))}; it cannot use {', '.join(unknown)}")
+            for name in sent:
+                _require(tensors[f"chunk{i}.{name}"].shape[:1] == (int(rows),),
+                         f"conditioning {name} of chunk {i} must have {rows} rows")
 
     def _check_vae(self, kind: str, args: dict, tensors: dict) -> None:
         _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
@@ -450,6 +481,30 @@ class WorkerState:
             raise RequestError("cancelled", kind="cancelled")
         if flags[1]:
             raise RequestError("deadline passed before the request finished", kind="deadline")
+
+    def _forward(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
+        """One model call of ComfyUI's own sampler (see comfy_xdit/stepwise.py): the model's raw output for x."""
+        model = self.models[args["model_key"]]
+        names = model.family.comfy_inputs
+        chunks = []
+        for i, (key, _rows) in enumerate(args["chunks"]):
+            sent = {names[n.split(".", 1)[1]]: t for n, t in tensors.items() if n.startswith(f"chunk{i}.")}
+            if sent:
+                self.conds.put(key, {n: t.to(model.device, model.dtype if t.is_floating_point() else t.dtype)
+                                     for n, t in sent.items()})
+            chunks.append(self.conds.get(key))
+        x = tensors["x"]
+        try:
+            cond = join_chunks(chunks)
+            model.check_latent(tuple(x.shape))
+            model.check_conditioning(cond)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        self._apply_loras(args["model_key"], args.get("loras") or [])
+        sigma = model.model_sampling(tuple(x.shape)).input_sigma(tensors["timestep"].float()).to(model.device)
+        with torch.inference_mode():
+            out = forward_rows(model, x.to(model.device, model.dtype), sigma, cond)
+        return ({}, {"out": out.cpu()}) if self.rank == 0 else ({}, {})
 
     def _sample(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
         model = self.models[args["model_key"]]

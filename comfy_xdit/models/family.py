@@ -47,6 +47,9 @@ class Family:
     latent_format = None           # sampling.LatentFormat
     patch_size = 2                 # latent pixels per token side
     conditioning = ("context", "pooled")  # named tensors a denoiser needs ([B, T, D], [B, P])
+    # ComfyUI's diffusion-model keyword for each conditioning name, as its BaseModel.apply_model passes them (the
+    # stepwise path: a ComfyUI MODEL whose forward runs on the pool); a keyword not listed is refused there
+    comfy_inputs = {"context": "context", "y": "pooled", "guidance": "guidance"}
     presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
     guided = False                 # usually sampled with cfg > 1 (a negative prompt): "auto" picks CFG parallel
 

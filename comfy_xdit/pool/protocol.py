@@ -34,7 +34,7 @@ class ProtocolError(Exception):
     pass
 
 
-REQUEST_TYPES = {"load_model", "unload_model", "sample", "decode", "encode", "status", "cancel", "shutdown"}
+REQUEST_TYPES = {"load_model", "unload_model", "sample", "forward", "decode", "encode", "status", "cancel", "shutdown"}
 REPLY_TYPES = {"ready", "ok", "error", "progress"}
 # GB each rank may use on its GPU ("16", or one value per rank "10.5,16"), set in the workers'
 # environment: emulates smaller cards on a large one (the bench's --memory-cap-gb)
