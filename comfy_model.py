@@ -24,11 +24,10 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 
-from .comfy_xdit.client import Engine, ModelHandle
+from .comfy_xdit.client import CONTROL_KEY, Engine, ModelHandle
 from .comfy_xdit.models.checkpoint import ST_DTYPES, read_header
 from .comfy_xdit.pool.controller import PoolError
 
-CONTROL_KEY = "xdit_controls"  # the pack's ControlNets travel in the conditioning as plain data
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": torch.bfloat16}
 CHECKSUM_SAMPLES = 4096  # values of a conditioning tensor summed into its cache key (guards in-place changes)
 

@@ -15,8 +15,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from .comfy_model import CONTROL_KEY, make_model
-from .comfy_xdit.client import (Conditioning, Control, ControlNetHandle, Engine, ModelHandle, VaeHandle,
+from .comfy_xdit.client import (CONTROL_KEY, Conditioning, Control, ControlNetHandle, Engine, ModelHandle, VaeHandle,
                                 WEIGHT_DTYPES, available_devices)
 from .comfy_xdit.pool.controller import PoolError
 from .comfy_xdit.sampling import SAMPLERS, SCHEDULERS, resolution_shift
@@ -320,6 +319,8 @@ class XDiTModelToComfy:
     CATEGORY = CATEGORY
 
     def convert(self, model):
+        from .comfy_model import make_model  # ComfyUI's model classes: imported when a MODEL is first asked for
+
         return (make_model(ENGINE, model),)
 
 

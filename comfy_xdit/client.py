@@ -21,6 +21,7 @@ import torch
 from .pool.controller import PoolError, PoolOptions, RequestFailed, WorkerPool
 from .stepwise import CACHE_ENTRIES
 
+CONTROL_KEY = "xdit_controls"  # the conditioning key where Apply ControlNet (xDiT) puts its Control entries
 WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")  # fp8_e4m3fn: fp8 storage, bf16 compute
 
 GIB = 2 ** 30
@@ -357,7 +358,8 @@ class Engine:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+                self._model_keys.clear()
 
 
-__all__ = ["Conditioning", "Control", "ControlNetHandle", "Engine", "ModelHandle", "RequestFailed", "VaeHandle", "WEIGHT_DTYPES",
+__all__ = ["CONTROL_KEY", "Conditioning", "Control", "ControlNetHandle", "Engine", "ModelHandle", "RequestFailed", "VaeHandle", "WEIGHT_DTYPES",
            "available_devices", "check_gpu_ids", "estimate_bytes"]

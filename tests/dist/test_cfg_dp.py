@@ -1,4 +1,5 @@
-"""CFG-parallel and data-parallel sampling (composed with USP) on real gloo processes vs a single-process run.
+"""CFG-parallel and data-parallel sampling (composed with USP) on real gloo processes vs a single-process run;
+and the stepwise path's model calls (a ComfyUI sampler's batch of rows spread over the cfg and dp groups).
 
 One process group per world size runs every layout and case; the reference is sample() on the
 same checkpoint without a mesh. Fresh random inputs each run (the seed is in every failure message).
@@ -16,6 +17,7 @@ from comfy_xdit.config import ParallelConfig
 from comfy_xdit.mesh import build_mesh
 from comfy_xdit.models.flux import FluxModel, flux_conditioning
 from comfy_xdit.sampling import batch_split, sample
+from comfy_xdit.stepwise import forward_rows, share_rows
 from tests.flux_tiny import rel_err, spmd_per_world_size, tiny_checkpoint
 
 TOL = 1e-4
@@ -42,6 +44,19 @@ LAYOUTS = {
         (dict(dp_degree=2, ring_degree=2), ["b3", "b3-mask", "b2-index"]),
         (dict(dp_degree=2, cfg_degree=2), ["b1-cfg", "b3-cfg-mask", "b2"])],
 }
+
+
+STEPWISE_ROWS = (1, 2, 3, 5)  # rows of one model call: fewer than, as many as and more than the batch groups
+
+
+def _stepwise_inputs(seed: int, rows: int, config: dict) -> tuple:
+    """x, sigma and a conditioning dict of `rows` rows, each row its own (as ComfyUI's cond + uncond chunks)."""
+    g = torch.Generator().manual_seed(seed + 7919 * rows)
+    h, w = LATENT_HW
+    cond = dict(context=torch.randn(rows, 8, config["joint_attention_dim"], generator=g),
+                pooled=torch.randn(rows, config["pooled_projection_dim"], generator=g),
+                guidance=torch.rand(rows, generator=g) * 5)
+    return torch.randn(rows, 16, h, w, generator=g), torch.rand(rows, generator=g), cond
 
 
 def _key(layout: dict) -> str:
@@ -81,6 +96,9 @@ def _rank_main(rank: int, world_size: int, path: str, seed: int, config: dict):
             out = _sample(model, _inputs(seed, name, config),
                           callback=lambda i, n, d: steps.append((i, n, d.shape[0])))
             results[(_key(layout), name)] = dict(out=out, steps=steps, dp=(mesh.rank("dp"), mesh.size("dp")))
+        for rows in STEPWISE_ROWS:
+            with torch.inference_mode():
+                results[(_key(layout), f"stepwise-{rows}")] = forward_rows(model, *_stepwise_inputs(seed, rows, config))
         if layout.get("dp_degree", 1) > 1:  # a bad conditioning batch fails on every rank, before any split
             inp = _inputs(seed, "b3", config)
             inp["context"] = inp["context"].repeat(2, 1, 1)
@@ -151,3 +169,31 @@ def test_batch_split_is_tensor_split():
         for parts in (1, 2, 3, 4):
             got = [stop - start for start, stop in batch_split(batch, parts)]
             assert got == [len(c) for c in torch.tensor_split(torch.arange(batch), parts)]
+
+
+@pytest.fixture(scope="module")
+def stepwise_reference(checkpoint):
+    path, config = checkpoint
+    model = FluxModel.load(path, dtype=torch.float32)
+    with torch.inference_mode():
+        return {rows: model.forward(*_stepwise_inputs(SEED, rows, config)) for rows in STEPWISE_ROWS}
+
+
+@pytest.mark.parametrize("world_size", sorted(LAYOUTS))
+def test_stepwise_rows_match_single_process(parallel, stepwise_reference, world_size):
+    """One model call of the stepwise path, its rows shared over the cfg and dp groups, equals the whole batch in
+    one process on every rank, whether the rows are fewer than, equal to or more than the groups."""
+    for rank, results in enumerate(parallel(world_size)):
+        for layout, _ in LAYOUTS[world_size]:
+            for rows in STEPWISE_ROWS:
+                out, expected = results[(_key(layout), f"stepwise-{rows}")], stepwise_reference[rows]
+                assert out.shape == expected.shape, f"rank {rank} {_key(layout)}: {rows} rows back"
+                err = rel_err(out, expected)
+                assert err <= TOL, f"seed {SEED}: rank {rank} {_key(layout)} {rows} rows: rel err {err:.2e}"
+
+
+def test_share_rows_covers_every_row_once_and_no_group_idles():
+    assert share_rows(5, 2) == [(0, 3), (3, 5)]
+    assert share_rows(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert share_rows(1, 4) == [(0, 1)] * 4  # a single row: every group runs it (they would idle otherwise)
+    assert share_rows(3, 4) == [(0, 1), (1, 2), (2, 3), (0, 1)]

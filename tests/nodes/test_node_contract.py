@@ -8,7 +8,7 @@ import pytest
 
 import fake_comfy
 
-ALLOWED_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "CONDITIONING", "LATENT", "IMAGE", "XDIT_MODEL", "XDIT_VAE",
+ALLOWED_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "CONDITIONING", "LATENT", "IMAGE", "MODEL", "XDIT_MODEL", "XDIT_VAE",
                  "XDIT_CONTROLNET"}
 
 
