@@ -11,6 +11,7 @@ its GPUs and hands that to its make_room callback (nodes.py asks ComfyUI to free
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field, replace
@@ -352,6 +353,36 @@ class Engine:
             if self._pool is None or not self._pool.alive:
                 return None
             return self._pool.request("status")[0]
+
+    def current_pool(self) -> WorkerPool | None:
+        """The pool this engine holds, running or dead, or None; never starts one and never waits (the
+        status page asks while a request runs)."""
+        return self._pool
+
+    @contextlib.contextmanager
+    def hold_if_idle(self):
+        """True, with the engine and its pool held, where neither is busy; False at once otherwise. For
+        the status page, which must never queue behind a whole sampling run. Engine before pool, the
+        order the engine's own methods take them."""
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            if self._pool is None:
+                yield True
+            else:
+                with self._pool.hold_if_idle() as idle:
+                    yield idle
+        finally:
+            self._lock.release()
+
+    def unload(self) -> list[str]:
+        """Unload every model and VAE from the running pool, which keeps running; the cache keys it
+        unloaded, [] where no pool runs (none is started for this)."""
+        with self._lock:
+            if self._pool is None or not self._pool.alive:
+                return []
+            return self._pool.request("unload_model", {"model_key": None})[0].get("unloaded", [])
 
     def shutdown(self) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ function applyStatus(payload) {
   if (!payload || typeof payload !== "object") return;
   store.status = payload;
   if (newer(payload.activity, store.activity)) store.activity = payload.activity;
-  if (payload.error) store.error = payload.error;
+  store.error = payload.error ?? null;
   changed();
 }
 

@@ -6,13 +6,19 @@ An exception inside a request is fatal for the rank that raised it (peers could 
 in a collective with it): it writes its traceback to the pool directory and exits, the
 controller's monitor sees the death and reports that traceback. Only RequestError, raised
 in lockstep on every rank (bad input, cancel, deadline), is answered and survived.
+
+The pool directory (CXD_POOL_DIR) is the controller's to remove. Where the controller dies
+without doing so, rank 0 removes it on its way out; on a joining machine (worker/join.py),
+whose directory no controller sees, the last rank to exit cleanly removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import threading
 import time
 import traceback
@@ -21,6 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from comfy_xdit.pool.controller import read_owner
 from comfy_xdit.pool.protocol import MEMORY_CAP_ENV, REQUEST_TYPES, Channel, ProtocolError, accept, listen
 
 from .handlers import RequestError, WorkerState
@@ -30,8 +37,17 @@ ENV_DEVICE, ENV_CONTROLLER_PID = "CXD_DEVICE", "CXD_CONTROLLER_PID"
 IDLE_TIMEOUT = timedelta(days=30)  # followers wait in a broadcast between requests, for hours
 
 
-def _watch_controller(pid: int) -> None:
-    """Exit as soon as the controller dies, whatever this rank is doing (even inside a collective)."""
+def _watch_controller(pid: int, pool_dir: str | None) -> None:
+    """Exit as soon as the controller dies, whatever this rank is doing (even inside a collective);
+    with `pool_dir` (rank 0 only, so one remover), remove the pool directory first, which the dead
+    controller cannot."""
+    _wait_for_exit(pid)
+    if pool_dir is not None:
+        _remove_pool_dir(pool_dir, pid)
+    os._exit(3)
+
+
+def _wait_for_exit(pid: int) -> None:
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -39,13 +55,32 @@ def _watch_controller(pid: int) -> None:
     while True:
         if fd is not None:
             if select.select([fd], [], [], None)[0]:
-                os._exit(3)
+                return
         else:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                os._exit(3)
+                return
             time.sleep(0.5)
+
+
+def _remove_pool_dir(pool_dir: str, controller_pid: int) -> None:
+    """Remove the directory where it names `controller_pid` as its owner: never one this rank was
+    pointed at by hand, nor one a later controller made. A controller starting meanwhile may be
+    sweeping it too, and a peer still writing its error file may keep it: the next start sweeps it."""
+    owner = read_owner(pool_dir)
+    if owner is not None and owner[0] == controller_pid:
+        shutil.rmtree(pool_dir, ignore_errors=True)
+
+
+def _leave_join_dir(pool_dir: str, rank: int) -> None:
+    """A clean exit on a joining machine: remove this rank's pid file, and the directory where no
+    peer's file is left (the last rank out; os.rmdir fails on a directory that is not empty, which
+    also keeps the error file of a rank that failed). Every peer wrote its pid file before the first
+    request reached this rank, so none is still to come."""
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(pool_dir, f"rank{rank}.pid"))
+        os.rmdir(pool_dir)
 
 
 def _write_status(pool_dir: str, rank: int, name: str, text: str) -> None:
@@ -181,8 +216,10 @@ def main() -> int:
     pool_dir = os.environ[ENV_DIR]
     rank = int(os.environ["RANK"])
     controller_pid = os.environ.get(ENV_CONTROLLER_PID)
-    if controller_pid and os.environ.get("GROUP_RANK", "0") == "0":
-        threading.Thread(target=_watch_controller, args=(int(controller_pid),), daemon=True).start()
+    joining = os.environ.get("GROUP_RANK", "0") != "0"
+    if controller_pid and not joining:
+        threading.Thread(target=_watch_controller, args=(int(controller_pid), pool_dir if rank == 0 else None),
+                         daemon=True).start()
     try:
         device_kind = os.environ.get(ENV_DEVICE, "cpu")
         if device_kind == "cuda":
@@ -205,7 +242,10 @@ def main() -> int:
         else:
             _follow(state, relay)
     except BaseException:
-        _write_status(pool_dir, rank, "error", traceback.format_exc())
+        with contextlib.suppress(OSError):  # the directory is gone where the controller died
+            _write_status(pool_dir, rank, "error", traceback.format_exc())
         os._exit(1)  # peers may be blocked in a collective with us: do not run teardown
+    if joining:
+        _leave_join_dir(pool_dir, rank)
     dist.destroy_process_group()
     return 0

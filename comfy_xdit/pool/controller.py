@@ -2,19 +2,27 @@
 
 Runs inside the ComfyUI process (or a test, or the benchmark). The pool is torchrun with
 one rank per GPU; rank 0 answers on a private Unix socket. Nothing here imports ComfyUI.
+
+Each pool lives in a private temp directory (cxd-pool-*: the socket, the launcher's log, the
+ranks' pid and error files) that names the controller owning it (OWNER_FILE). A shutdown
+removes it; where the controller is killed (SIGTERM, SIGKILL) rank 0 removes it as the ranks
+exit, and the next pool start of any controller sweeps what is still left (see sweep_stale_dirs).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +36,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # Settings of the host process that must not leak into the workers by accident.
 _SCRUBBED_ENV = ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "RANK", "WORLD_SIZE",
                  "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+POOL_DIR_PREFIX = "cxd-pool-"
+# In each pool directory: "<pid> <start time>" of the controller that made it (see _process_start).
+OWNER_FILE = "controller.pid"
+# A pool directory without an owner file (made by an older version, or its controller died before
+# writing it) is swept once it is this old and none of its ranks lives.
+STALE_AFTER_S = 3600.0
 
 
 class PoolError(RuntimeError):
@@ -93,6 +107,25 @@ class WorkerPool:
     def alive(self) -> bool:
         return self._proc is not None and not self._dead.is_set()
 
+    @property
+    def death_reason(self) -> str:
+        """Why the pool died ("rank 1 (pid 4001) died; last error: ..."), "" where it did not (it runs,
+        or was shut down)."""
+        return self._death_reason
+
+    @contextlib.contextmanager
+    def hold_if_idle(self):
+        """True, with the pool held (no request can start meanwhile), where no request is running;
+        False at once otherwise. For callers that must never queue behind a whole sampling run, such
+        as the status page."""
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock.release()
+
     def _command(self) -> list[str]:
         o = self.options
         cmd = [o.python, "-m", "torch.distributed.run", "--nproc-per-node", str(o.nproc), "--max-restarts", "0",
@@ -120,8 +153,10 @@ class WorkerPool:
             if self.alive:
                 return
             self._stop_processes()
+            sweep_stale_dirs()
             self.pool_id, self._secret = new_pool_id(), new_secret()
-            self._dir = make_private_dir("cxd-pool-")
+            self._dir = make_private_dir(POOL_DIR_PREFIX)
+            _write_owner(self._dir)
             self._dead.clear()
             self._death_reason = ""
             self._loaded.clear()
@@ -131,7 +166,7 @@ class WorkerPool:
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True)
             except OSError as e:
-                self._proc = None
+                self._stop_processes()  # nothing runs: this removes the directory
                 raise PoolStartError(f"cannot start the worker pool with python {self.options.python!r}: "
                                      f"{e.strerror or e}") from e
             finally:
@@ -335,6 +370,93 @@ class WorkerPool:
         self._dead.set()
         if self._proc is not None:
             self._kill_group(self._proc, term_wait=2.0)
+
+
+# --- pool directories left behind -------------------------------------------------------------
+def sweep_stale_dirs(tmp_dir: str | None = None, stale_after: float = STALE_AFTER_S) -> list[str]:
+    """Remove this user's pool directories in `tmp_dir` (the temp dir) that no live pool uses, and
+    return them. A controller killed together with its ranks (a service manager SIGKILLing the whole
+    cgroup, the OOM killer taking the ranks first) leaves its directory behind, and nothing else would
+    ever remove it. Never one of a live controller: a pool lives only as long as its controller."""
+    tmp_dir = tmp_dir or tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp_dir)
+    except OSError:
+        return []
+    stale = [os.path.join(tmp_dir, n) for n in names
+             if n.startswith(POOL_DIR_PREFIX) and _is_stale(os.path.join(tmp_dir, n), stale_after)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)  # its dying rank 0 may be removing it too
+    return stale
+
+
+def _is_stale(path: str, stale_after: float) -> bool:
+    """A directory of ours whose controller is dead; one that names no controller: where it is
+    older than `stale_after` and none of its ranks lives. Symlinks and other users' entries never."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return False
+    owner = read_owner(path)
+    if owner is not None:
+        pid, start = owner
+        return _process_start(pid) != start
+    return time.time() - st.st_mtime > stale_after and not any(_process_start(p) for p in _rank_pids(path))
+
+
+def _write_owner(pool_dir: str) -> None:
+    """Name this process as the directory's owner; written whole or not at all, so that a sweeping
+    controller never reads half a start time and takes a live pool for a dead one."""
+    path, pid = os.path.join(pool_dir, OWNER_FILE), os.getpid()
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{pid} {_process_start(pid)}\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_owner(pool_dir: str) -> tuple[int, str] | None:
+    """(pid, start time) of the controller that made the directory; None where it names none."""
+    try:
+        with open(os.path.join(pool_dir, OWNER_FILE)) as f:
+            pid, start = f.read().split()
+        return int(pid), start
+    except (OSError, ValueError):
+        return None
+
+
+def _rank_pids(pool_dir: str) -> list[int]:
+    """The pids the ranks wrote to the directory (worker/main.py, once their process group is up)."""
+    try:
+        names = os.listdir(pool_dir)
+    except OSError:
+        return []
+    pids = []
+    for name in names:
+        if name.startswith("rank") and name.endswith(".pid"):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(pool_dir, name)) as f:
+                pids.append(int(f.read()))
+    return pids
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat), which tells it from a
+    later process given the same pid; None where it is gone or a zombie; "?" for a live process on a
+    system without /proc."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, *fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if state == "Z" else fields[18]  # field 22 of stat(5); the state is field 3
 
 
 def _free_port() -> int:

@@ -1,14 +1,20 @@
 """The worker pool on real torchrun processes (CPU, gloo): lifecycle, faults, progress, multi-node.
 
 Every failure test asserts the error text and that no process or shared-memory segment is left.
+Each test runs with a temp dir of its own, which must hold no pool directory (cxd-pool-*,
+cxd-join-*) once it ends: a controller killed by SIGKILL included.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -24,6 +30,20 @@ from comfy_xdit.sampling import sample
 from tests.flux_tiny import make_tiny_flux, write_flux_checkpoint
 
 FAULTS = {"CXD_ALLOW_FAULT_INJECTION": "1"}
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(monkeypatch, tmp_path_factory):
+    """A temp dir for this test alone (its subprocesses inherit it through TMPDIR), so that what a
+    test leaves behind is told from what the other pools on this machine use: none may be left."""
+    tmp_path_factory.getbasetemp()  # pytest's own tmp_path stays where it is
+    path = tempfile.mkdtemp(prefix="pooltest-")  # short: the pool's socket path must fit in 108 bytes
+    monkeypatch.setenv("TMPDIR", path)
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    yield path
+    left = [os.path.basename(p) for p in glob.glob(os.path.join(path, "cxd-*"))]
+    shutil.rmtree(path, ignore_errors=True)
+    assert not left, f"pool directories left behind: {left}"
 
 
 def _alive(pid: int) -> bool:
@@ -241,27 +261,61 @@ def test_start_failures_report_the_root_cause(tmp_path):
         WorkerPool(PoolOptions(nproc=1, python=str(fake))).start()
 
 
-def test_controller_killed_takes_the_workers_down(checkpoint, tmp_path):
+def _start_controller(tmp_path, nproc: int, checkpoint: str | None = None) -> tuple[subprocess.Popen, dict]:
+    """A controller in a process of its own with a running pool (its model loaded where given), and
+    what it says of that pool: ranks (pids), launcher (pid), pool_id, dir."""
     script = tmp_path / "controller.py"
+    load = f'pool.request("load_model", {{"path": {checkpoint!r}, "dtype": "fp32"}})' if checkpoint else "pool.start()"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import json, sys, time
         sys.path.insert(0, {os.getcwd()!r})
         from comfy_xdit.pool.controller import PoolOptions, WorkerPool
-        pool = WorkerPool(PoolOptions(nproc=2))
-        pool.request("load_model", {{"path": {checkpoint!r}, "dtype": "fp32"}})
-        print(" ".join(str(r["pid"]) for r in pool.info["ranks"]), pool._proc.pid, pool.pool_id, flush=True)
+        pool = WorkerPool(PoolOptions(nproc={nproc}))
+        {load}
+        print(json.dumps(dict(ranks=[r["pid"] for r in pool.info["ranks"]], launcher=pool._proc.pid,
+                              pool_id=pool.pool_id, dir=pool._dir)), flush=True)
         time.sleep(600)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line, f"the controller exited with code {proc.wait()} before its pool ran"
+    return proc, json.loads(line)
+
+
+def test_controller_killed_takes_the_workers_down_and_rank_0_removes_the_pool_dir(checkpoint, tmp_path):
+    proc, pool = _start_controller(tmp_path, 2, checkpoint)
     try:
-        *pids, pool_id = proc.stdout.readline().split()
-        pids = [int(p) for p in pids]
-        assert pids and all(_alive(p) for p in pids)
+        pids = pool["ranks"] + [pool["launcher"]]
+        assert all(_alive(p) for p in pids) and os.path.isdir(pool["dir"])
         proc.kill()
         proc.wait()
-        _assert_gone(pids, pool_id, within=10.0)
+        _assert_gone(pids, pool["pool_id"], within=10.0)
+        assert not os.path.exists(pool["dir"])  # rank 0 removed it before it exited
     finally:
         proc.kill()
+
+
+def test_a_pool_start_sweeps_the_dir_of_a_controller_killed_with_its_ranks(tmp_path):
+    """Everything SIGKILLed at once (a service manager stopping the whole cgroup): no rank is left
+    to remove the directory; the next pool start does (tests/pool/test_pool_dirs.py: which ones)."""
+    dead, dead_pool = _start_controller(tmp_path, 1)
+    try:
+        dead.send_signal(signal.SIGSTOP)  # it cannot clean up after its ranks
+        for pid in [dead_pool["launcher"], *dead_pool["ranks"]]:  # torchrun starts each rank in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        _assert_gone(dead_pool["ranks"] + [dead_pool["launcher"]], dead_pool["pool_id"])
+        dead.kill()
+        dead.wait()
+        assert os.path.isdir(dead_pool["dir"])
+        pool = WorkerPool(PoolOptions(nproc=1))
+        try:
+            pool.start()
+            assert not os.path.exists(dead_pool["dir"]) and os.path.isdir(pool._dir)
+        finally:
+            pool.shutdown()
+        assert not os.path.exists(pool._dir)
+    finally:
+        dead.kill()
 
 
 def test_two_launchers_form_one_pool(checkpoint):

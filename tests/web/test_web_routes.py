@@ -1,6 +1,7 @@
-"""The pool-status routes and events (comfy_xdit/web_status.py) through aiohttp's test client:
+"""The pool-status routes and events (comfy_xdit/web_status/) through aiohttp's test client:
 payload shape, file names and never paths, stop / unload reaching the engine, 405 on wrong
-methods, a busy pool answered at once, and the websocket events a tracked request sends."""
+methods, a busy pool answered at once, the websocket events a tracked request sends, and when
+the last error stops showing."""
 
 from __future__ import annotations
 
@@ -16,13 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from comfy_xdit.client import Engine, ModelHandle
 from comfy_xdit.web_status import (ERROR_EVENT, PROGRESS_EVENT, STATUS_EVENT, ActivityTracker, make_event_sender,
                                    nvml_memory_used, register_routes, root_cause, status_payload)
-from web_fakes import GIB, MODEL_PATH, SECRET_DIRS, FakePool, comfy_like_app, memory_probe
+from web_fakes import GIB, MODEL_PATH, SECRET_DIRS, FakeEngine, FakePool, comfy_like_app, memory_probe
 
 
-def _engine(pool=None) -> Engine:
-    engine = Engine()
-    engine._pool = pool if pool is not None else FakePool()
-    return engine
+def _engine(pool=None) -> FakeEngine:
+    return FakeEngine(pool if pool is not None else FakePool())
 
 
 def _call(engine, tracker, steps, **options):
@@ -82,9 +81,7 @@ def test_without_nvml_a_rank_shows_what_its_allocator_reserved():
 
 def test_stopped_and_failed_pools():
     tracker = ActivityTracker()
-    stopped = Engine()
-    assert status_payload(stopped, tracker)["state"] == "stopped"
-    assert stopped._pool is None  # asking never starts a pool
+    assert status_payload(FakeEngine(), tracker)["state"] == "stopped"
 
     pool = FakePool()
     pool.die("rank 1 (pid 4001) died; last error: rank 1: Traceback (most recent call last):\n"
@@ -103,7 +100,7 @@ def _hold_pool(pool):
     holding, release = threading.Event(), threading.Event()
 
     def request():
-        with pool._lock:
+        with pool.running():
             holding.set()
             release.wait(10)
 
@@ -147,7 +144,7 @@ def test_stop_cancels_the_running_request_and_shuts_the_pool_down():
     holding = threading.Event()
 
     def sampling():  # stops at the next step once cancelled, as the ranks do
-        with pool._lock:
+        with pool.running():
             holding.set()
             assert cancel.wait(10)
         tracker.end("cancelled")
@@ -163,7 +160,7 @@ def test_stop_cancels_the_running_request_and_shuts_the_pool_down():
     code, body = _call(engine, tracker, steps)
     thread.join(5)
     assert code == 200 and body["ok"] and body["cancelled"] is True
-    assert cancel.is_set() and pool.shutdowns == 1 and engine._pool is None
+    assert cancel.is_set() and pool.shutdowns == 1 and engine.current_pool() is None
     assert body["status"]["state"] == "stopped" and body["status"]["activity"]["outcome"] == "cancelled"
 
 
@@ -174,7 +171,7 @@ def test_stop_answers_202_when_the_request_does_not_end_in_time():
 
     async def steps(client):
         resp = await client.post("/xdit/stop")
-        answer = resp.status, await resp.json(), engine._pool
+        answer = resp.status, await resp.json(), engine.current_pool()
         release.set()  # the decode ends
         return answer
 
@@ -185,9 +182,9 @@ def test_stop_answers_202_when_the_request_does_not_end_in_time():
         thread.join()
     assert code == 202 and body["pending"] and pool_then is pool
     deadline = time.monotonic() + 5
-    while engine._pool is not None and time.monotonic() < deadline:
+    while engine.current_pool() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pool.shutdowns == 1 and engine._pool is None  # the stop went through once the decode ended
+    assert pool.shutdowns == 1 and engine.current_pool() is None  # the stop went through once the decode ended
 
 
 def test_unload_asks_the_pool_and_answers_file_names():
@@ -225,7 +222,7 @@ def test_unload_while_busy_is_409_and_without_a_pool_unloads_nothing():
     assert code == 409 and body["ok"] is False and "busy" in body["error"]
     assert not [r for r in pool.requests if r[0] == "unload_model"]
 
-    code, body = _call(Engine(), ActivityTracker(), steps)
+    code, body = _call(FakeEngine(), ActivityTracker(), steps)
     assert code == 200 and body["unloaded"] == [] and body["status"]["state"] == "stopped"
 
 
@@ -238,7 +235,7 @@ def test_wrong_methods_are_405():
                              ("DELETE", "/xdit/status"), ("GET", "/api/xdit/stop"), ("PUT", "/api/xdit/unload")]}
 
     assert set(_call(engine, ActivityTracker(), steps).values()) == {405}
-    assert engine._pool.shutdowns == 0 and engine._pool.requests == []
+    assert engine.current_pool().shutdowns == 0 and engine.current_pool().requests == []
 
 
 def test_a_tracked_request_sends_progress_status_and_error_events():
@@ -271,7 +268,7 @@ def test_a_tracked_request_sends_progress_status_and_error_events():
              f'  File "/{SECRET_DIRS[0]}/x.py", line 1\nRuntimeError: CUDA out of memory. Tried to allocate 2 GiB')
 
     def decode(vae, samples):
-        raise RuntimeError(f"xDiT worker pool: {pool._death_reason}")
+        raise RuntimeError(f"xDiT worker pool: {pool.death_reason}")
 
     with pytest.raises(RuntimeError):
         tracker.run(decode, handle, "latent")
@@ -294,6 +291,53 @@ def test_a_tracked_request_sends_progress_status_and_error_events():
         tracker.run(interrupted, handle)
     assert ERROR_EVENT not in [e for e, _ in sent]
     assert sent[1][1]["activity"]["outcome"] == "cancelled"
+
+
+def test_the_last_error_shows_until_a_request_of_its_kind_succeeds():
+    """The next prompt's load succeeding does not hide that its sample failed last time, nor does a
+    cancelled sample; the sample that succeeds clears it, in GET /xdit/status and in the status event.
+    An error outside any request (a pool that would not start) clears with any success."""
+    engine, tracker, sent = _engine(), ActivityTracker(), []
+    tracker.add_listener(make_event_sender(lambda e, d: sent.append((e, d)), engine, tracker,
+                                           memory_probe=memory_probe, min_interval=0, background=False))
+    handle = ModelHandle(path=MODEL_PATH, gpus=2)
+
+    class RequestCancelled(Exception):  # as the pool's, by name
+        pass
+
+    def load(model):
+        return {"model_key": "k"}
+
+    def sample(model, outcome="ok"):
+        if outcome == "oom":
+            raise RuntimeError("xDiT worker pool: CUDA out of memory. Tried to allocate 20.00 GiB")
+        if outcome == "cancelled":
+            raise RequestCancelled("cancelled")
+        return "latent"
+
+    async def error_shown(client):
+        return (await (await client.get("/xdit/status")).json())["error"]
+
+    def shown_after(fn, *args, raises=None):
+        if raises is None:
+            tracker.run(fn, handle, *args)
+        else:
+            with pytest.raises(raises):
+                tracker.run(fn, handle, *args)
+        status_event = [d for e, d in sent if e == STATUS_EVENT][-1]
+        error = _call(engine, tracker, error_shown)
+        assert error == status_event["error"]
+        return error
+
+    assert shown_after(sample, "oom", raises=RuntimeError)["kind"] == "sample"
+    assert shown_after(load)["detail"] == "CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert shown_after(sample, "cancelled", raises=RequestCancelled)["kind"] == "sample"
+    assert shown_after(sample) is None
+    assert tracker.last_error is None
+
+    tracker.fail("xDiT worker pool: the worker pool failed to start: no GPU")
+    assert tracker.last_error["kind"] is None
+    assert shown_after(load) is None
 
 
 def test_progress_events_are_throttled_but_the_latest_step_always_arrives():
@@ -337,7 +381,8 @@ def test_root_cause_of_a_launcher_failure_and_of_a_request_error():
 
 
 def test_routes_on_a_real_cpu_pool(tmp_path, monkeypatch):
-    """The real engine and worker pool (one CPU rank): the loaded model by name, unload, stop."""
+    """The real engine and worker pool (one CPU rank): stopped before the first request (asking never
+    starts a pool), the loaded model by name, unload, stop."""
     from tests.flux_tiny import make_tiny_flux, write_flux_checkpoint
 
     monkeypatch.setenv("CXD_DEVICE", "cpu")
@@ -347,8 +392,9 @@ def test_routes_on_a_real_cpu_pool(tmp_path, monkeypatch):
     write_flux_checkpoint(make_tiny_flux(seed=1), path, layout="comfy")
     engine, tracker = Engine(), ActivityTracker()
     try:
+        assert status_payload(engine, tracker)["state"] == "stopped" and engine.current_pool() is None
         tracker.run(engine.load, ModelHandle(path=str(path), dtype="fp32", gpus=1))
-        pids = [r["pid"] for r in engine._pool.info["ranks"]]
+        pids = [r["pid"] for r in engine.current_pool().info["ranks"]]
 
         async def steps(client):
             out = []
@@ -368,7 +414,7 @@ def test_routes_on_a_real_cpu_pool(tmp_path, monkeypatch):
         assert [m["name"] for m in before["models"]] == ["flux_tiny.safetensors"]
         assert before["activity"]["kind"] == "load" and before["activity"]["outcome"] == "ok"
         assert unloaded["unloaded"] == ["flux_tiny.safetensors"] and unloaded["status"]["models"] == []
-        assert after["state"] == "stopped" and engine._pool is None
+        assert after["state"] == "stopped" and engine.current_pool() is None
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)

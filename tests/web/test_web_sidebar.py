@@ -20,9 +20,8 @@ import threading
 
 import pytest
 
-from comfy_xdit.client import Engine
 from comfy_xdit.web_status import ActivityTracker, make_event_sender
-from web_fakes import HERE, MODEL_PATH, SECRET_DIRS, VAE_PATH, FakePool, StubServer, memory_probe
+from web_fakes import HERE, MODEL_PATH, SECRET_DIRS, VAE_PATH, FakeEngine, FakePool, StubServer, memory_probe
 
 INSTALL_HINT = "run tests/web/install_browser.sh"
 
@@ -69,8 +68,7 @@ DEATH = ("rank 1 (pid 4001) died; last error: rank 1: Traceback (most recent cal
 def test_sidebar_tab_in_headless_chromium(browser_tools, tmp_path):
     chromium, node = browser_tools
     pool = FakePool()
-    engine, tracker = Engine(), ActivityTracker()
-    engine._pool = pool
+    engine, tracker = FakeEngine(pool), ActivityTracker()
     server = StubServer(engine, tracker)
     tracker.add_listener(make_event_sender(server.send_sync, engine, tracker, memory_probe=memory_probe,
                                            min_interval=0))
@@ -108,7 +106,7 @@ def test_sidebar_tab_in_headless_chromium(browser_tools, tmp_path):
 
     # What the clicks did on the server side.
     assert server.count("POST", "/api/xdit/unload") == 1 and ("unload_model", {"model_key": None}) in pool.requests
-    assert server.count("POST", "/api/xdit/stop") == 1 and pool.shutdowns == 1 and engine._pool is None
+    assert server.count("POST", "/api/xdit/stop") == 1 and pool.shutdowns == 1 and engine.current_pool() is None
     assert server.count("GET", "/api/xdit/status") == 3  # one per opening of the tab and one by the driver
     names = sorted(p.name for p in shots.iterdir())
     assert names == ["01-status.png", "02-progress-dispatched.png", "03-progress-websocket.png", "04-unloaded.png",

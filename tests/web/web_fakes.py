@@ -5,6 +5,7 @@ the pack: routes on a RouteTableDef (again under /api), the web folder under /ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -42,17 +43,33 @@ def describe(nranks: int = 2, models: bool = True) -> dict:
 
 
 class FakePool:
-    """Shaped like comfy_xdit.pool.controller.WorkerPool, as far as the engine and the routes use it."""
+    """Shaped like comfy_xdit.pool.controller.WorkerPool, as far as FakeEngine and the routes use it."""
 
     def __init__(self, nranks: int = 2):
         self.options = types.SimpleNamespace(nproc=nranks, device="cuda")
         self._lock = threading.RLock()
-        self._death_reason = ""
+        self.death_reason = ""
         self.alive = True
         self.loaded = True
         self.info = describe(nranks, models=False)
         self.requests: list[tuple[str, dict]] = []
         self.shutdowns = 0
+
+    @contextlib.contextmanager
+    def hold_if_idle(self):
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def running(self):
+        """Held as a running request holds the real pool, for the length of the block."""
+        with self._lock:
+            yield
 
     def request(self, kind, args=None, tensors=None, **_):
         with self._lock:
@@ -73,7 +90,51 @@ class FakePool:
 
     def die(self, reason: str):
         self.alive = False
-        self._death_reason = reason
+        self.death_reason = reason
+
+
+class FakeEngine:
+    """Shaped like comfy_xdit.client.Engine as far as the routes use it (its public accessors), over
+    a FakePool or none."""
+
+    def __init__(self, pool: FakePool | None = None):
+        self._pool = pool
+        self._lock = threading.RLock()
+
+    def current_pool(self) -> FakePool | None:
+        return self._pool
+
+    @contextlib.contextmanager
+    def hold_if_idle(self):
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            if self._pool is None:
+                yield True
+            else:
+                with self._pool.hold_if_idle() as idle:
+                    yield idle
+        finally:
+            self._lock.release()
+
+    def status(self) -> dict | None:
+        with self._lock:
+            if self._pool is None or not self._pool.alive:
+                return None
+            return self._pool.request("status")[0]
+
+    def unload(self) -> list[str]:
+        with self._lock:
+            if self._pool is None or not self._pool.alive:
+                return []
+            return self._pool.request("unload_model", {"model_key": None})[0].get("unloaded", [])
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
 
 def memory_probe(ranks):
