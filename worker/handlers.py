@@ -484,6 +484,7 @@ class WorkerState:
 
     def _forward(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
         """One model call of ComfyUI's own sampler (see comfy_xdit/stepwise.py): the model's raw output for x."""
+        start = time.time()
         model = self.models[args["model_key"]]
         names = model.family.comfy_inputs
         chunks = []
@@ -503,8 +504,8 @@ class WorkerState:
         self._apply_loras(args["model_key"], args.get("loras") or [])
         sigma = model.model_sampling(tuple(x.shape)).input_sigma(tensors["timestep"].float()).to(model.device)
         with torch.inference_mode():
-            out = forward_rows(model, x.to(model.device, model.dtype), sigma, cond)
-        return ({}, {"out": out.cpu()}) if self.rank == 0 else ({}, {})
+            out = forward_rows(model, x.to(model.device, model.dtype), sigma, cond).cpu()  # waits for the GPU
+        return (dict(elapsed=time.time() - start), {"out": out}) if self.rank == 0 else ({}, {})
 
     def _sample(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:
         model = self.models[args["model_key"]]

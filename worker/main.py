@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import select
 import shutil
@@ -35,6 +36,7 @@ from .handlers import RequestError, WorkerState
 ENV_DIR, ENV_SECRET, ENV_POOL_ID = "CXD_POOL_DIR", "CXD_POOL_SECRET", "CXD_POOL_ID"
 ENV_DEVICE, ENV_CONTROLLER_PID = "CXD_DEVICE", "CXD_CONTROLLER_PID"
 IDLE_TIMEOUT = timedelta(days=30)  # followers wait in a broadcast between requests, for hours
+ALIGN = 64  # bytes: where each tensor starts in a relayed request's buffer
 
 
 def _watch_controller(pid: int, pool_dir: str | None) -> None:
@@ -91,28 +93,42 @@ def _write_status(pool_dir: str, rank: int, name: str, text: str) -> None:
 
 
 class _Relay:
-    """Moves one request (JSON header + tensors) from rank 0 to every rank over the control group."""
+    """Moves one request (JSON header + tensors) from rank 0 to every rank over the control group: two
+    broadcasts, the lengths and then one buffer with the header and every tensor's bytes (a stepwise model
+    call is one request per step, so each broadcast counts). With one rank, nothing moves."""
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
+        self.world_size = dist.get_world_size(group)
 
     def broadcast(self, msg: dict | None, tensors: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+        if self.world_size == 1:
+            return msg, tensors
         if dist.get_rank() == 0:
             specs = {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()}
-            header = torch.frombuffer(bytearray(json.dumps({"msg": msg, "specs": specs}).encode()), dtype=torch.uint8)
-            size = torch.tensor([header.numel()], dtype=torch.int64)
+            header = json.dumps({"msg": msg, "specs": specs}).encode()
+            parts = [torch.frombuffer(bytearray(header), dtype=torch.uint8)]
+            for v in tensors.values():  # each tensor starts on an ALIGN boundary, so it can be viewed in place
+                parts.append(torch.zeros(-sum(p.numel() for p in parts) % ALIGN, dtype=torch.uint8))
+                parts.append(v.contiguous().reshape(-1).view(torch.uint8))
+            buffer = torch.cat(parts)
+            sizes = torch.tensor([len(header), buffer.numel()], dtype=torch.int64)
         else:
-            size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, 0, group=self.group)
+            sizes = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(sizes, 0, group=self.group)
         if dist.get_rank() != 0:
-            header = torch.empty(int(size), dtype=torch.uint8)
-        dist.broadcast(header, 0, group=self.group)
-        decoded = json.loads(bytes(header.numpy()).decode())
-        out = {}
+            buffer = torch.empty(int(sizes[1]), dtype=torch.uint8)
+        dist.broadcast(buffer, 0, group=self.group)
+        if dist.get_rank() == 0:
+            return msg, tensors
+        decoded = json.loads(bytes(buffer[:int(sizes[0])].numpy()).decode())
+        out, offset = {}, int(sizes[0])
         for name, (dtype, shape) in decoded["specs"].items():
-            t = tensors[name].contiguous() if dist.get_rank() == 0 else torch.empty(shape, dtype=getattr(torch, dtype))
-            dist.broadcast(t, 0, group=self.group)
-            out[name] = t
+            dtype = getattr(torch, dtype)
+            n = math.prod(shape) * dtype.itemsize
+            offset += -offset % ALIGN
+            out[name] = buffer[offset:offset + n].view(dtype).reshape(shape)
+            offset += n
         return decoded["msg"], out
 
 
