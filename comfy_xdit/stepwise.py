@@ -54,6 +54,14 @@ def join_chunks(chunks: list[dict]) -> dict:
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in sorted(names)}
 
 
+def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """x [N, C, h, w] padded at the bottom and right to whole patches, circularly, as ComfyUI's DiTs pad a latent
+    whose size is not a multiple of the patch (comfy.ldm.common_dit.pad_to_patch_size); the caller crops the
+    output back to h x w."""
+    pad = (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch)
+    return torch.nn.functional.pad(x, pad, mode="circular") if any(pad) else x
+
+
 def share_rows(rows: int, groups: int) -> list[tuple[int, int]]:
     """(start, stop) of each group's contiguous share of `rows` rows. With fewer rows than groups, group g
     repeats the row of group g mod rows (it would idle otherwise), so no group holds an empty share."""

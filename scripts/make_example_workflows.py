@@ -60,6 +60,20 @@ def with_controlnet(base: dict) -> dict:
     return wf
 
 
+def with_comfy_sampler(base: dict) -> dict:
+    """The same model driven by ComfyUI's own KSampler through xDiT Model to MODEL (every model call runs on
+    the pool), with ComfyUI's ModelSamplingFlux on the MODEL."""
+    wf = dict(base)
+    wf[15] = ("XDiTModelToComfy", {}, {"model": (5, 0, "XDIT_MODEL")}, [("MODEL", "MODEL")])
+    wf[16] = ("ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024},
+              {"model": (15, 0, "MODEL")}, [("MODEL", "MODEL")])
+    wf[7] = ("KSampler", {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                          "denoise": 1.0},
+             {"model": (16, 0, "MODEL"), "positive": (3, 0, "CONDITIONING"), "negative": (4, 0, "CONDITIONING"),
+              "latent_image": (6, 0, "LATENT")}, [("LATENT", "LATENT")])
+    return wf
+
+
 SD3_TXT2IMG = {  # SD3.5 Large at cfg 4.5: cfg parallel is its main win on 2 GPUs ("auto" picks USP)
     1: ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
                              "clip_name3": "t5xxl_fp16.safetensors"}, {}, [("CLIP", "CLIP")]),
@@ -82,7 +96,8 @@ SD3_TXT2IMG = {  # SD3.5 Large at cfg 4.5: cfg parallel is its main win on 2 GPU
 }
 
 WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
-             "flux_controlnet_xdit": with_controlnet(TXT2IMG), "sd3_txt2img_xdit": SD3_TXT2IMG}
+             "flux_controlnet_xdit": with_controlnet(TXT2IMG), "flux_ksampler_xdit_model": with_comfy_sampler(TXT2IMG),
+             "sd3_txt2img_xdit": SD3_TXT2IMG}
 
 
 UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt

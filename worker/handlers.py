@@ -25,7 +25,7 @@ from comfy_xdit.imageops import fit_image
 from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
-from comfy_xdit.stepwise import CondCache, forward_rows, join_chunks
+from comfy_xdit.stepwise import CondCache, forward_rows, join_chunks, pad_to_patches
 from comfy_xdit.vae import loader as vae_loader
 from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel_encode
 
@@ -494,17 +494,17 @@ class WorkerState:
                 self.conds.put(key, {n: t.to(model.device, model.dtype if t.is_floating_point() else t.dtype)
                                      for n, t in sent.items()})
             chunks.append(self.conds.get(key))
-        x = tensors["x"]
+        x, (h, w) = pad_to_patches(tensors["x"], model.family.patch_size), tensors["x"].shape[-2:]
         try:
             cond = join_chunks(chunks)
-            model.check_latent(tuple(x.shape))
+            model.family.check_latent(model.config, tuple(x.shape))  # any token count: see DiTModel.forward
             model.check_conditioning(cond)
         except ValueError as e:
             raise RequestError(str(e)) from e
         self._apply_loras(args["model_key"], args.get("loras") or [])
         sigma = model.model_sampling(tuple(x.shape)).input_sigma(tensors["timestep"].float()).to(model.device)
         with torch.inference_mode():
-            out = forward_rows(model, x.to(model.device, model.dtype), sigma, cond).cpu()  # waits for the GPU
+            out = forward_rows(model, x.to(model.device, model.dtype), sigma, cond)[..., :h, :w].cpu()  # waits
         return (dict(elapsed=time.time() - start), {"out": out}) if self.rank == 0 else ({}, {})
 
     def _sample(self, args: dict, tensors: dict, progress) -> tuple[dict, dict]:

@@ -58,7 +58,9 @@ class DiTModel:
         if mesh is not None and mesh.sp_degree > 1:
             mesh.config.validate(num_heads=family.num_heads(self.config))
             kernel = get_kernel(attention_kernel or default_kernel_name(mesh.device, self.dtype))
-            self._shard = ShardState(USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel))
+            self._usp = USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel)
+            self._whole = lambda q, k, v, replicated_text_len=0: kernel(q, k, v, need_lse=False)[0]
+            self._shard = ShardState(self._usp)
             install_processors(family, family.blocks.blocks(transformer), self._shard)
 
     @classmethod
@@ -117,16 +119,23 @@ class DiTModel:
         """The model's prediction for model-space x [B, C, h, w] at sigma [B]; full output on every rank."""
         family, t = self.family, self.transformer
         step = family.prologue(t, x, sigma, cond)
-        if self._shard is None:
+        # A token count that does not split over the sp ranks (a ComfyUI area crop on the stepwise path; the
+        # Sampler (xDiT) refuses such sizes first, in check_latent) runs whole on every rank.
+        split = self._shard is not None and step.image_len % self.mesh.sp_degree == 0
+        if not split:
             image, text, image_index, rope = step.image, step.text, slice(None), step.rope
         else:
             image, text, image_index, rope = self._shard_tokens(step)
+        if self._shard is not None:
+            self._shard.attention = self._usp if split else self._whole
+            if not split:
+                self._shard.replicated_text_len = 0
         residuals = self.control(step.control, image_index) if self.control is not None else None
         for i, block in enumerate(family.blocks.blocks(t)):
             image, text = family.run_block(block, image, text, step, rope)
             image = add_control(image, residuals, i)
         out = family.head(t, image, step)
-        if self._shard is not None:
+        if split:
             # Shard index is ring-major, ulysses-minor: gather ulysses first, then ring.
             for axis in ("ulysses", "ring"):
                 if self.mesh.size(axis) > 1:

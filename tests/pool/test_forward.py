@@ -84,6 +84,21 @@ def test_evicted_conditioning_is_sent_again(setup):
     assert rel_err(again, _reference(path, x, t, first)) <= 1e-5
 
 
+def test_shapes_that_do_not_split_or_patch_run_as_comfyui_runs_them(setup):
+    """An area crop can give any latent size: a token count that does not split over Ulysses 2 runs whole on
+    each rank, and a size that is not a multiple of the patch is padded circularly and cropped back, as
+    ComfyUI's DiTs do (comfy.ldm.common_dit.pad_to_patch_size)."""
+    engine, path, config = setup
+    handle = ModelHandle(path=path, dtype="fp32", gpus=2, parallel=(("ulysses_degree", 2),))
+    t = torch.tensor([0.6])
+    for h, w in ((6, 10), (5, 7)):  # 3 x 5 tokens; 5 x 7 latent pixels -> 3 x 4 patches
+        x, chunks = torch.randn(1, 16, h, w), [(f"odd-{h}x{w}", 1, _chunk(config, h * w))]
+        out = engine.forward(handle, x, t, chunks)
+        padded = torch.nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="circular")
+        expected = _reference(path, padded, t, chunks)[..., :h, :w]
+        assert out.shape == x.shape and rel_err(out, expected) <= 1e-5, (h, w)
+
+
 def test_bad_calls_are_refused_and_the_pool_stays_usable(setup):
     engine, path, config = setup
     handle = ModelHandle(path=path, dtype="fp32", gpus=2, parallel=(("dp_degree", 2),))
@@ -93,9 +108,6 @@ def test_bad_calls_are_refused_and_the_pool_stays_usable(setup):
         engine.forward(handle, x, t, [("bad-input", 1, bad)])
     with pytest.raises(RequestFailed, match="timestep.*one value per row"):
         engine.forward(handle, x, torch.tensor([0.5, 0.5]), [("rows", 1, _chunk(config, 8))])
-    with pytest.raises(RequestFailed, match="do not split evenly"):  # 15 tokens over Ulysses 2
-        engine.forward(ModelHandle(path=path, dtype="fp32", gpus=2, parallel=(("ulysses_degree", 2),)),
-                       torch.randn(1, 16, 6, 10), t, [("odd", 1, _chunk(config, 9))])
     pipefusion = ModelHandle(path=path, dtype="fp32", gpus=2, parallel=(("pipefusion_degree", 2),))
     with pytest.raises(RequestFailed, match="cannot run a PipeFusion layout"):
         engine.forward(pipefusion, x, t, [("pp", 1, _chunk(config, 10))])
