@@ -205,3 +205,35 @@ def test_example_workflows_use_only_nodes_the_server_knows(comfy):
             for node in json.load(f)["nodes"]:
                 assert node["type"] in info, (path, node["type"])
     assert checked >= 40
+
+
+def test_cancel_of_ksampler_on_the_xdit_model_leaves_the_pool_usable(comfy, two_ranks):
+    """ComfyUI's interrupt stops its own sampler between model calls; the pool was never mid-request then."""
+    from tests.comfyui.helpers import Events, descendants
+    from tests.comfyui.test_comfyui_server import _check_usable
+
+    wf = Workflow()
+    c = common_nodes(wf, sd3=True)
+    model = wf.add("XDiTModelToComfy", model=wf.out(xdit_loader(wf, SD3, gpus=2, strategy="ulysses")))
+    latent = wf.add("EmptySD3LatentImage", width=128, height=128, batch_size=1)
+    steps = 10000
+    sampler = wf.add("KSampler", model=wf.out(model), positive=wf.out(c.positive), negative=wf.out(c.negative),
+                     latent_image=wf.out(latent), **dict(BASE, seed=77, steps=steps))
+    wf.save_latent(sampler, "model_cancelled")
+    with Events(comfy) as events:
+        prompt_id = comfy.submit(wf)
+        try:
+            events.wait_for(lambda m: m["type"] == "progress" and m["data"].get("node") == sampler
+                            and m["data"].get("value", 0) >= 3, timeout=240)
+            pool = set(descendants(comfy.proc.pid))
+            comfy.interrupt()
+            entry = comfy.wait(prompt_id, timeout=60)
+        finally:  # never leave minutes of sampling in the queue for the next test
+            if comfy.get(f"/history/{prompt_id}").get(prompt_id) is None:
+                comfy.request("/queue", {"delete": [prompt_id]})
+                comfy.interrupt()
+                comfy.wait(prompt_id, timeout=60)
+    kinds = [kind for kind, _ in entry["status"].get("messages", [])]
+    assert entry["status"].get("status_str") == "error" and "execution_interrupted" in kinds, entry["status"]
+    _check_usable(comfy)
+    assert set(descendants(comfy.proc.pid)) == pool, "Cancel restarted the worker pool"
