@@ -16,6 +16,8 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
+from .sampling import batch_split
+
 CACHE_ENTRIES = 32  # conditioning chunks kept (cond and uncond of a few runs); the oldest unused go first
 
 
@@ -63,16 +65,11 @@ def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def share_rows(rows: int, groups: int) -> list[tuple[int, int]]:
-    """(start, stop) of each group's contiguous share of `rows` rows. With fewer rows than groups, group g
-    repeats the row of group g mod rows (it would idle otherwise), so no group holds an empty share."""
+    """(start, stop) of each group's contiguous share of `rows` rows (as sampling.batch_split shares a batch).
+    With fewer rows than groups, group g repeats the row of group g mod rows (it would idle otherwise), so no
+    group holds an empty share."""
     if rows >= groups:
-        base, extra = divmod(rows, groups)
-        bounds, start = [], 0
-        for g in range(groups):
-            stop = start + base + (1 if g < extra else 0)
-            bounds.append((start, stop))
-            start = stop
-        return bounds
+        return batch_split(rows, groups)
     return [(g % rows, g % rows + 1) for g in range(groups)]
 
 
