@@ -144,7 +144,8 @@ class WorkerState:
         "encode": ("_check_vae", "_encode"),
         "shutdown": (None, None),
     }
-    JOBS = ("sample", "decode", "encode")  # not "forward": a step's call, the cache stays warm for the next  # after these the CUDA cache goes back to the driver
+    # after these the CUDA cache goes back to the driver; not after "forward", one step's call of many
+    JOBS = ("sample", "decode", "encode")
 
     def validate(self, msg: dict, tensors: dict) -> None:
         kind = msg["type"]
