@@ -26,16 +26,33 @@ DISCRETE_FLOW_TIMESTEPS = 1000  # ComfyUI's ModelSamplingDiscreteFlow timesteps
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """VAE latent <-> model space: model = (latent - shift) * scale."""
+    """VAE latent <-> model space: model = (latent - shift) * scale, or with per-channel statistics (Wan's VAEs,
+    ComfyUI's latent_formats.Wan21 / Wan22) model = (latent - mean[c]) * scale / std[c].
+
+    dims: the latent's spatial dimensions after [B, C]: 2 for images [B, C, h, w], 3 for video [B, C, t, h, w]."""
 
     channels: int
     scale: float
-    shift: float
+    shift: float = 0.0
+    mean: tuple | None = None
+    std: tuple | None = None
+    dims: int = 2
+
+    def _stats(self, x: torch.Tensor):
+        view = (1, self.channels) + (1,) * (x.dim() - 2)
+        return (torch.tensor(self.mean).view(view).to(x.device, x.dtype),
+                torch.tensor(self.std).view(view).to(x.device, x.dtype))
 
     def to_model(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(latent)
+            return (latent - mean) * self.scale / std
         return (latent - self.shift) * self.scale
 
     def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None:
+            mean, std = self._stats(x)
+            return x * std / self.scale + mean
         return x / self.scale + self.shift
 
 

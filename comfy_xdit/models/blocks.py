@@ -81,6 +81,7 @@ def random_transformer(model_class, config: dict, layout: BlockLayout, seed: int
     for name, shape in shapes.items():
         noise = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
         if name in tensors:  # RMSNorm/LayerNorm scales stay near 1 so attention logits are neither zero nor huge
-            scale = ("norm" in name.rsplit(".", 2)[-2] and len(shape) == 1 and name.endswith("weight"))
+            module = name.rsplit(".", 2)[-2] if "." in name else ""
+            scale = ("norm" in module and len(shape) == 1 and name.endswith("weight"))
             tensors[name].copy_((1 + 2 * noise if scale else noise).to(dtype))  # via dtype: fp8 as a cast model
     return model.eval().requires_grad_(False)

@@ -64,9 +64,32 @@ def read_header(path, expected: str = "a diffusion model checkpoint") -> dict:
     return header
 
 
-def read_tensors(path, keys, dtype=None, device=None, progress=None, expected: str = "a diffusion model checkpoint"):
+SCALED_FP8 = "scaled_fp8"  # ComfyUI's marker tensor of a scaled-fp8 file (its dtype is the weights' fp8 format)
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def scaled_fp8_keys(keys) -> tuple[list, dict]:
+    """(the model's own keys, {weight key: its scale key}) of a file, with ComfyUI's scaled-fp8 extras split off:
+    the ``scaled_fp8`` marker, each Linear's ``<module>.scale_weight`` (stored weight * scale = the weight) and
+    ``<module>.scale_input`` (for fp8 matmuls; unused when weights are dequantised). A file without them: (keys, {}).
+    Keys keep whatever prefix they have."""
+    keys = list(keys)
+    if not any(k.rsplit(".", 1)[-1] == SCALED_FP8 or k.endswith(_SCALE_SUFFIXES) for k in keys):
+        return keys, {}
+    model = [k for k in keys if k.rsplit(".", 1)[-1] != SCALED_FP8 and not k.endswith(_SCALE_SUFFIXES)]
+    present = set(keys)
+    scales = {k: k[:-len("weight")] + "scale_weight" for k in model
+              if k.endswith(".weight") and k[:-len("weight")] + "scale_weight" in present}
+    return model, scales
+
+
+def read_tensors(path, keys, dtype=None, device=None, progress=None, expected: str = "a diffusion model checkpoint",
+                 scales: dict | None = None):
     """Tensors by key; dtype is one dtype for all or a dict key -> dtype (None: kept as stored).
-    progress(bytes read, bytes to read), if given, after each tensor."""
+    progress(bytes read, bytes to read), if given, after each tensor.
+    scales {weight key: scale key} (scaled_fp8_keys): those weights come back dequantised, stored * scale in
+    fp32, then cast to their dtype (a None dtype means the scale's, fp32)."""
+    scales = scales or {}
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             names = list(f.keys()) if keys is None else list(keys)
@@ -79,7 +102,11 @@ def read_tensors(path, keys, dtype=None, device=None, progress=None, expected: s
             for i, k in enumerate(names):
                 # Cast one tensor at a time so peak memory stays near one copy of the model; copy=True
                 # because get_tensor may return views of the file mapping, which change or fault if the file does.
-                out[k] = f.get_tensor(k).to(device=device, dtype=to[k], copy=True)
+                if k in scales:  # one fp32 copy of this tensor at a time, as for any cast
+                    t = f.get_tensor(k).float() * f.get_tensor(scales[k]).float()
+                    out[k] = t.to(device=device, dtype=to[k] or torch.float32)
+                else:
+                    out[k] = f.get_tensor(k).to(device=device, dtype=to[k], copy=True)
                 if progress is not None:
                     done += sizes[i]
                     progress(done, total)

@@ -23,7 +23,7 @@ def install_processors(family: Family, blocks, attention) -> None:
         if isinstance(block, torch.nn.Identity):  # another PipeFusion stage's block
             continue
         for module, image_only in family.attention_modules(block):
-            module.set_processor(JointAttnProcessor(attention, image_only=image_only))
+            module.set_processor(family.processor(attention, image_only=image_only))
 
 
 def select_rope(rope, index):
@@ -49,18 +49,25 @@ class DiTModel:
         self.info = info
         self.config = dict(transformer.config)
         self.variant = family.variant(self.config)
-        self.latent_format = family.latent_format
+        self.latent_format = family.latent_format_for(self.config)
         self.shift = None  # a ModelSampling* node's override of the family's shift
         # fn(Step.control, image_index) -> per-block residuals for those image tokens, or None; set per call by a
         # ControlNet
         self.control = None
         self._shard = None
+        self._usp = None
         if mesh is not None and mesh.sp_degree > 1:
             mesh.config.validate(num_heads=family.num_heads(self.config))
             kernel = get_kernel(attention_kernel or default_kernel_name(mesh.device, self.dtype))
             self._usp = USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel)
             self._whole = lambda q, k, v, replicated_text_len=0: kernel(q, k, v, need_lse=False)[0]
-            self._shard = ShardState(self._usp)
+            self._shard = ShardState(self._usp, cross=self._usp.cross)
+            install_processors(family, family.blocks.blocks(transformer), self._shard)
+        elif family.own_processors:  # one rank: the family's processor with the local kernel
+            kernel = get_kernel(attention_kernel or default_kernel_name(self.device, self.dtype))
+            self._whole = lambda q, k, v, replicated_text_len=0: kernel(q, k, v, need_lse=False)[0]
+            self._shard = ShardState(self._whole, cross=self._whole)
+            self._usp = None
             install_processors(family, family.blocks.blocks(transformer), self._shard)
 
     @classmethod
@@ -102,6 +109,10 @@ class DiTModel:
         sp = self.mesh.sp_degree if self.mesh is not None else 1
         if (rows * cols) % sp:
             h, w = latent_shape[-2:]
+            if len(latent_shape) == 5:
+                raise ValueError(f"a latent of {latent_shape[2]} frames x {w}x{h} gives {rows * cols} video tokens, "
+                                 f"which do not split evenly over sequence-parallel degree {sp}; pick a size or "
+                                 f"length whose token count divides by {sp}")
             raise ValueError(f"{w * 8}x{h * 8} px gives {rows * cols} image tokens, which do not split evenly over "
                              f"sequence-parallel degree {sp}; pick a size whose token count divides by {sp}")
 
@@ -121,13 +132,15 @@ class DiTModel:
         step = family.prologue(t, x, sigma, cond)
         # A token count that does not split over the sp ranks (a ComfyUI area crop on the stepwise path; the
         # Sampler (xDiT) refuses such sizes first, in check_latent) runs whole on every rank.
-        split = self._shard is not None and step.image_len % self.mesh.sp_degree == 0
+        split = self._usp is not None and step.image_len % self.mesh.sp_degree == 0
         if not split:
             image, text, image_index, rope = step.image, step.text, slice(None), step.rope
         else:
             image, text, image_index, rope = self._shard_tokens(step)
         if self._shard is not None:
             self._shard.attention = self._usp if split else self._whole
+            self._shard.cross = self._usp.cross if split else self._whole
+            self._shard.image_context_len = step.extra.get("image_context_len", 0)
             if not split:
                 self._shard.replicated_text_len = 0
         residuals = self.control(step.control, image_index) if self.control is not None else None
@@ -149,6 +162,9 @@ class DiTModel:
         n, t = step.image_len // sp, step.text_len
         image_index = slice(shard * n, (shard + 1) * n)
         image = step.image[:, image_index]
+        if self.family.cross_attention:  # the text stays whole on every rank; RoPE rows are the image tokens'
+            self._shard.replicated_text_len = 0
+            return image, step.text, image_index, select_rope(step.rope, image_index)
         if t % sp == 0:
             text_index = slice(shard * (t // sp), (shard + 1) * (t // sp))
             self._shard.replicated_text_len = 0
@@ -166,6 +182,7 @@ class DiTModel:
         """fn(x, sigma) -> x0 prediction for model-space latents of latent_shape."""
         self.check_latent(latent_shape)
         self.check_conditioning(cond)
+        cond = self.family.prepare_conditioning(self.config, dict(cond), latent_shape)
         b = latent_shape[0]
         device, dtype = self.device, self.dtype
         cond = {k: batch_rows(v, b).to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}

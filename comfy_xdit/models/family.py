@@ -35,6 +35,7 @@ class Step:
     text: torch.Tensor | None = None
     rope: tuple | None = None
     control: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # the family's own per-forward facts (its head's embedding, ...)
 
 
 class Family:
@@ -52,6 +53,11 @@ class Family:
     comfy_inputs = {"context": "context", "y": "pooled", "guidance": "guidance"}
     presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
     guided = False                 # usually sampled with cfg > 1 (a negative prompt): "auto" picks CFG parallel
+    # self + cross attention (Wan, PixArt, HunyuanDiT): the text is replicated on every rank and never joins the
+    # sharded sequence; RoPE rows then index the image tokens alone
+    cross_attention = False
+    own_processors = False         # the family's attention processor runs even on one rank (not only under USP)
+    video = False                  # 5-D latents [B, C, t, h, w]
 
     # --- checkpoints ---------------------------------------------------------------------------
     def detect(self, keys) -> str | None:
@@ -88,6 +94,20 @@ class Family:
         """The model adapter with ControlNets applied; controls: dicts of controlnet, info, hint (model-space
         latent or pixels), strength, start_percent, end_percent, mode."""
         raise ValueError(f"ControlNets for {self.label} models are not supported yet")
+
+    def processor(self, state, image_only: bool = False):
+        """The attention processor installed on attention_modules' modules (joint attention by default)."""
+        from .joint_attention import JointAttnProcessor
+
+        return JointAttnProcessor(state, image_only=image_only)
+
+    def latent_format_for(self, config: dict):
+        """The latent format of this model (families whose releases differ, e.g. Wan 2.1 vs 2.2, override)."""
+        return self.latent_format
+
+    def prepare_conditioning(self, config: dict, cond: dict, latent_shape: tuple) -> dict:
+        """The conditioning as the forward takes it, once per sampling run (e.g. an I2V model's concat input)."""
+        return cond
 
     def meta_model(self, config: dict):
         with torch.device("meta"):

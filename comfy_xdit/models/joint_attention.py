@@ -24,6 +24,8 @@ class ShardState:
 
     attention: object
     replicated_text_len: int = 0
+    cross: object = None         # (q, k, v) -> out for sharded queries and replicated K/V (cross-attention)
+    image_context_len: int = 0   # Wan I2V: leading context tokens that are CLIP-vision, not text
 
 
 class JointAttnProcessor:

@@ -14,7 +14,7 @@ import torch
 
 from ..memory import stage_bounds
 from ..models.dit import DiTModel, add_control, all_gather_seq, select_rope
-from ..models.joint_attention import JointAttnProcessor, ShardState
+from ..models.joint_attention import ShardState
 from .pipeline import PipeFusionRunner, StageLink
 from .schedule import Patch, PipeFusionOptions, row_patches, shard_patches
 from .stale_kv import PatchWindow, StaleKVAttention
@@ -50,11 +50,16 @@ class DiTStage:
         self.blocks = layout.blocks(self.transformer)[start:stop]
         layout.keep_stage(self.transformer, start, stop)  # no-op on a stage-only load
         usp = model._shard.attention if model._shard is not None else None
+        # cross-attention (text K/V are whole on every rank and never stale): USP's cross path, or local
+        cross = model._shard.cross if model._shard is not None else None
+        self.states = []
         layer = 0
         for block in self.blocks:
             for module, image_only in self.family.attention_modules(block):
                 stale_kv = StaleKVAttention(self.window, layer, attend=usp, image_only=image_only)
-                module.set_processor(JointAttnProcessor(ShardState(stale_kv), image_only=image_only))
+                state = ShardState(stale_kv, cross=cross or _local_cross)
+                self.states.append(state)
+                module.set_processor(self.family.processor(state, image_only=image_only))
                 layer += 1
 
     @property
@@ -68,14 +73,17 @@ class DiTStage:
     def begin_step(self, x, sigma, cond):
         """DiTModel.forward's inputs; the same prologue on every stage (embedders only on the first)."""
         self.step = self.family.prologue(self.transformer, x, sigma, cond, embed=self.is_first)
+        for state in self.states:
+            state.image_context_len = self.step.extra.get("image_context_len", 0)
         # ControlNets run on the whole image, on every stage (each needs its blocks')
         self.residuals = None if self.control is None else self.control(self.step.control, slice(None))
         self.batch, self.latent_shape = x.shape[0], tuple(x.shape)
 
     def _index(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (patch, self.step.text_len)
+        text_len = 0 if self.family.cross_attention else self.step.text_len  # text in the patched sequence
+        key = (patch, text_len)
         if key not in self._indices:
-            self._indices[key] = tuple(t.to(self.device) for t in token_index(patch, self.step.text_len))
+            self._indices[key] = tuple(t.to(self.device) for t in token_index(patch, text_len))
         return self._indices[key]
 
     def embed(self, patch: Patch) -> torch.Tensor:
@@ -85,12 +93,16 @@ class DiTStage:
 
     def run(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
         text, image = h[:, :patch.text_len], h[:, patch.text_len:]
+        if self.family.cross_attention:  # patches hold image tokens only; every block cross-attends to all text
+            text = self.step.text
         joint, _, image_index = self._index(patch)
         rope = select_rope(self.step.rope, joint)
         for i, block in enumerate(self.blocks, start=self.start):
             image, text = self.family.run_block(block, image, text, self.step, rope)
             image = add_control(image, self.residuals, i, image_index)
-        return image if text is None else torch.cat([text, image], dim=1)
+        if text is None or self.family.cross_attention:
+            return image
+        return torch.cat([text, image], dim=1)
 
     def head(self, h: torch.Tensor, patch: Patch) -> torch.Tensor:
         return self.family.head(self.transformer, h[:, h.shape[1] - (patch.size - patch.text_len):], self.step)
@@ -113,6 +125,11 @@ class DiTStage:
         rows, cols = self.family.token_grid(self.latent_shape)
         p = self.family.patch_size
         return torch.empty(self.batch, rows * cols, self.latent_shape[1] * p * p, dtype=self.dtype, device=self.device)
+
+
+def _local_cross(q, k, v, **_unused):
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                            v.transpose(1, 2)).transpose(1, 2)
 
 
 class _ForwardThrough:
@@ -175,7 +192,10 @@ class PipeFusionModel:
             shard_patches(row_patches(0, rows, cols, patches), 0, sp, 0)
 
     def check_text(self, text_len: int) -> None:
-        """Sequence parallelism inside a stage splits the text too, so its length must divide the sp degree."""
+        """Sequence parallelism inside a stage splits joint text too, so its length must divide the sp degree
+        (cross-attention text is never split)."""
+        if self.model.family.cross_attention:
+            return
         shard_patches([Patch(0, text_len, text_len)], text_len, self.mesh.sp_degree, 0)
 
     def check_conditioning(self, cond: dict) -> None:
@@ -187,6 +207,8 @@ class PipeFusionModel:
         self.check_conditioning(cond)
         rows, cols = self.model.family.token_grid(latent_shape)
         text_len, sp = cond["context"].shape[1], self.mesh.sp_degree
+        if self.model.family.cross_attention:  # the text is not in the pipelined sequence
+            text_len = 0
         patches = row_patches(text_len, rows, cols, self.options.num_pipeline_patch)
         local = shard_patches(patches, text_len, sp, self.mesh.sp_rank)
         self.stage.window.text_len = local[0].text_len  # where image-only layers' buffers start
