@@ -15,6 +15,7 @@ attention patches in transformer_options.
 from __future__ import annotations
 
 import hashlib
+import types
 
 import torch
 
@@ -138,6 +139,10 @@ def make_model(engine: Engine, handle: ModelHandle) -> PoolModelPatcher:
     config.unet_config["disable_unet_model_creation"] = True  # the weights stay in the workers
     base = config.get_model({}, "")
     base.diffusion_model = PoolDiffusionModel(engine, handle, dtype)
+    in_dim = config.unet_config.get("in_dim")
+    if in_dim is not None:  # Wan: BaseModel.concat_cond reads the input channels off patch_embedding's weight
+        base.diffusion_model.patch_embedding = types.SimpleNamespace(
+            weight=torch.empty(1, in_dim, 1, 1, 1, device="meta"))
     if handle.shift is not None:  # a ModelSampling (xDiT) node before the conversion
         sampling = base.model_sampling
         kept = {k: getattr(sampling, k) for k in ("multiplier",) if hasattr(sampling, k)}

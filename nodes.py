@@ -124,13 +124,20 @@ def _conditioning(cond, name: str) -> Conditioning:
         raise ValueError(f"{name} conditioning has {len(cond)} entries (Conditioning Combine, areas); "
                          "xDiT Sampler takes a single entry")
     tokens, extra = cond[0]
-    if extra.get("pooled_output") is None:
-        raise ValueError(f"{name} conditioning has no pooled output: encode it with the model's text encoders "
-                         "(Flux: DualCLIPLoader type flux; SD3: TripleCLIPLoader; then CLIPTextEncode)")
     if extra.get("control") is not None:
         raise ValueError(f"{name} conditioning carries a ComfyUI ControlNet; use Apply ControlNet (xDiT) with "
                          "Load ControlNet (xDiT), which run it in the workers")
-    return Conditioning(tokens, extra["pooled_output"], extra.get("guidance"), list(extra.get(CONTROL_KEY, [])))
+    # Whether a model needs the pooled output (Flux, SD3 do; Wan has none) is its family's word, said by the
+    # workers with the text encoders to use.
+    tensors = {}
+    vision = extra.get("clip_vision_output")  # CLIPVisionEncode -> WanImageToVideo (Wan I2V)
+    if vision is not None:
+        tensors["clip_fea"] = vision.penultimate_hidden_states
+    for key in ("concat_latent_image", "concat_mask"):  # WanImageToVideo's image conditioning (VAE space, mask)
+        if extra.get(key) is not None:
+            tensors[key] = extra[key]
+    return Conditioning(tokens, extra.get("pooled_output"), extra.get("guidance"), list(extra.get(CONTROL_KEY, [])),
+                        extra=tensors)
 
 
 class XDiTModelLoader:
@@ -282,21 +289,32 @@ class XDiTSampler:
             "sampler_name": (list(SAMPLERS), {"default": "euler"}),
             "scheduler": (list(SCHEDULERS), {"default": "simple"}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }, "optional": {  # KSamplerAdvanced's controls; the defaults run as KSampler does
+            "add_noise": (["enable", "disable"], {"default": "enable"}),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "return_with_leftover_noise": (["disable", "enable"], {
+                "default": "disable", "tooltip": "enable: hand the partly denoised latent to another sampler (a "
+                                                 "second model, as Wan 2.2's high- and low-noise experts)."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise):
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
+               add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable"):
         samples = latent_image["samples"]
         if samples.shape[1] == 4 and not samples.any():  # an all-zero SD latent: widen, as ComfyUI does
             samples = torch.zeros(samples.shape[0], 16, *samples.shape[2:])
         cancel = threading.Event()
+        # KSamplerAdvanced's rules (nodes.common_ksampler, comfy.samplers.KSampler.sample)
+        advanced = dict(add_noise=add_noise != "disable", start_step=int(start_at_step), last_step=int(end_at_step),
+                        force_full_denoise=return_with_leftover_noise != "enable")
         out = _run(ENGINE.sample, model, _conditioning(positive, "positive"),
                    _conditioning(negative, "negative") if cfg != 1.0 else None, samples, seed, steps, cfg,
                    sampler_name, scheduler, denoise, latent_image.get("noise_mask"), latent_image.get("batch_index"),
-                   on_progress=_progress(steps), cancel=cancel)
+                   on_progress=_progress(steps), cancel=cancel, advanced=advanced)
         result = latent_image.copy()
         result["samples"] = out
         return (result,)

@@ -88,16 +88,22 @@ class Control:
 
 @dataclass
 class Conditioning:
-    context: torch.Tensor                # [B, T, D] text tokens (Flux: T5 4096; SD3: CLIP-L/G + T5, 4096)
-    pooled: torch.Tensor                 # [B, P] pooled text (Flux: CLIP-L 768; SD3: CLIP-L + G, 2048)
+    context: torch.Tensor                # [B, T, D] text tokens (Flux: T5 4096; SD3: CLIP-L/G + T5, 4096; Wan: umt5)
+    pooled: torch.Tensor | None = None   # [B, P] pooled text (Flux: CLIP-L 768; SD3: CLIP-L + G, 2048; Wan: none)
     guidance: float | None = None        # FluxGuidance
     controls: list = field(default_factory=list)
+    # other named tensors the family reads (Wan I2V: clip_fea, concat_latent_image, concat_mask); which ones a
+    # model needs is its family's word, checked in the workers
+    extra: dict = field(default_factory=dict)
 
     def tensors(self, branch: str) -> dict:
         """The named tensors a sample request carries for this branch ('positive' / 'negative')."""
-        out = {f"{branch}.context": self.context, f"{branch}.pooled": self.pooled}
+        out = {f"{branch}.context": self.context}
+        if self.pooled is not None:
+            out[f"{branch}.pooled"] = self.pooled
         if self.guidance is not None:
             out[f"{branch}.guidance"] = torch.tensor([float(self.guidance)])
+        out.update({f"{branch}.{name}": t for name, t in self.extra.items()})
         return out
 
 
@@ -172,8 +178,9 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
     weights = _file_size(handle.path) // stages + extra
     if kind == "load" or not shape:
         return weights
-    batch, _, h, w = shape
-    images = batch * h * w * 64 / 2 ** 20  # latent pixels are 8x8 image pixels
+    batch, h, w = shape[0], shape[-2], shape[-1]
+    frames = shape[2] if len(shape) == 5 else 1
+    images = batch * frames * h * w * 64 / 2 ** 20  # latent pixels are 8x8 image pixels
     return weights + int(ACTIVATIONS_PER_MEGAPIXEL * images * (2 if cfg else 1))
 
 
@@ -193,7 +200,8 @@ def _header_estimate(handle: ModelHandle, shape: tuple, cfg: bool) -> int | None
         config = info.config
         parallel = (ParallelConfig(**dict(handle.parallel)) if handle.parallel else
                     preferred_layout(family, config, handle.gpus))
-        image = (shape[3] * 8, shape[2] * 8) if shape else None
+        # a video latent [B, C, t, h, w] as one image of the same token count: its frames stacked
+        image = (shape[-1] * 8, shape[-2] * 8 * (shape[2] if len(shape) == 5 else 1)) if shape else None
         estimate = max(estimate_memory(family, config, parallel, handle.dtype, image), key=lambda e: e.total)
     except (CheckpointError, ValueError, KeyError, TypeError):
         return None
@@ -277,7 +285,8 @@ class Engine:
                latent: torch.Tensor, seed: int, steps: int, cfg: float = 1.0, sampler_name: str = "euler",
                scheduler: str = "simple", denoise: float = 1.0, noise_mask: torch.Tensor | None = None,
                batch_index: list[int] | None = None, on_progress: Callable | None = None,
-               cancel: threading.Event | None = None) -> torch.Tensor:
+               cancel: threading.Event | None = None, advanced: dict | None = None) -> torch.Tensor:
+        """advanced: KSamplerAdvanced's controls (add_noise, start_step, last_step, force_full_denoise)."""
         guided = cfg != 1.0 and negative is not None
         controls = tuple(c.controlnet.path for c in positive.controls)
         job = ("sample", model, tuple(latent.shape), guided, controls)
@@ -295,7 +304,8 @@ class Engine:
                                  end_percent=c.end_percent, vae_path=c.vae.path if c.vae else None, mode=c.mode))
         args = dict(model_key=key, seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
                     scheduler=scheduler, denoise=float(denoise), shift=model.shift,
-                    batch_index=batch_index, loras=[list(lora) for lora in model.loras], controls=controls)
+                    batch_index=batch_index, loras=[list(lora) for lora in model.loras], controls=controls,
+                    **(advanced or {}))
         reply, out = self.pool(model.gpus, model.gpu_ids).request("sample", args, tensors, on_progress=on_progress,
                                                                   cancel=cancel)
         self._record(job, reply)

@@ -502,7 +502,8 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
            cfg: float = 1.0, negative: Mapping[str, torch.Tensor] | None = None,
            batch_index: list[int] | None = None, callback: StepCallback | None = None,
            sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
-           noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+           noise_mask: torch.Tensor | None = None, add_noise: bool = True, start_step: int | None = None,
+           last_step: int | None = None, force_full_denoise: bool = False) -> torch.Tensor:
     """ComfyUI's KSampler on a VAE-space LATENT; returns the VAE-space result (ComfyUI's LATENT samples).
 
     `model` is a model adapter: latent_format, check_latent(shape), model_sampling(shape) (a model
@@ -512,7 +513,9 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
     divisor of it); which names there are is the model family's business, never looked at here.
     cfg != 1 also runs `negative` and combines the x0 predictions as ComfyUI's CFG does. denoise < 1
     starts from the noised `latent` part-way down the schedule (img2img); `noise_mask` (LATENT's
-    "noise_mask", 1 = repaint) keeps the rest of `latent`.
+    "noise_mask", 1 = repaint) keeps the rest of `latent`. KSamplerAdvanced's controls: add_noise False starts
+    from `latent` with no noise drawn; start_step / last_step run only that part of the schedule (ComfyUI's
+    KSampler.sample slicing); force_full_denoise (return_with_leftover_noise off) ends a cut schedule at 0.
 
     With a mesh, every rank calls this with the same arguments and gets the same full result:
     - dp degree > 1: each dp group samples a contiguous share of the batch (uneven shares allowed;
@@ -528,6 +531,14 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
     model.check_latent(shape)
     model_sampling = model.model_sampling(shape)
     sigmas = ksampler_sigmas(scheduler, steps, model_sampling, denoise)
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            return latent.clone()  # nothing left to run: ComfyUI hands back the input latent
+        sigmas = sigmas[start_step:]
     if len(sigmas) == 0:
         return latent.clone()  # ComfyUI hands back the input latent when denoise is 0
     guided = not math.isclose(cfg, 1.0)
@@ -541,7 +552,7 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
     # Noise is drawn on the CPU (ComfyUI's rule), then the whole loop stays on the model's device:
     # no host round trip per step.
     device = getattr(model, "device", latent.device)
-    noise = prepare_noise(shape, seed, batch_index).to(device)
+    noise = (prepare_noise(shape, seed, batch_index) if add_noise else torch.zeros(shape)).to(device)
     latent_model = latent.float().to(device)
     if torch.count_nonzero(latent_model) > 0:  # ComfyUI leaves an all-zero (empty) latent unshifted
         latent_model = model.latent_format.to_model(latent_model)

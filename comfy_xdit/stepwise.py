@@ -57,10 +57,10 @@ def join_chunks(chunks: list[dict]) -> dict:
 
 
 def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """x [N, C, h, w] padded at the bottom and right to whole patches, circularly, as ComfyUI's DiTs pad a latent
+    """x [N, C, h, w] (or video [N, C, t, h, w]) padded at the bottom and right to whole patches, circularly, as ComfyUI's DiTs pad a latent
     whose size is not a multiple of the patch (comfy.ldm.common_dit.pad_to_patch_size); the caller crops the
     output back to h x w."""
-    pad = (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch)
+    pad = (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch) + ((0, 0) if x.dim() == 5 else ())  # video: frames kept
     return torch.nn.functional.pad(x, pad, mode="circular") if any(pad) else x
 
 

@@ -175,8 +175,13 @@ class WorkerState:
 
     def _check_sample(self, _kind: str, args: dict, tensors: dict) -> None:
         _require(args.get("model_key") in self.models, f"model {args.get('model_key')!r} is not loaded")
-        for name, ndim in (("positive.context", 3), ("latent", 4)):
-            _require(name in tensors and tensors[name].dim() == ndim, f"sample needs a {ndim}-d '{name}' tensor")
+        _require("positive.context" in tensors and tensors["positive.context"].dim() == 3,
+                 "sample needs a 3-d 'positive.context' tensor")
+        _require("latent" in tensors and tensors["latent"].dim() in (4, 5),
+                 "sample needs a 'latent' tensor: [B, C, h, w], or [B, C, frames, h, w] for video")
+        for name in ("start_step", "last_step"):
+            _require(args.get(name) is None or (isinstance(args[name], int) and args[name] >= 0),
+                     f"{name} must be a non-negative integer")
         _require(args.get("shift") is None or (isinstance(args["shift"], (int, float)) and args["shift"] > 0),
                  "shift must be a positive number")
         _require(isinstance(args.get("steps"), int) and args["steps"] >= 1, "steps must be a positive integer")
@@ -546,6 +551,8 @@ class WorkerState:
                          cfg=float(args.get("cfg", 1.0)), negative=negative, batch_index=args.get("batch_index"),
                          callback=on_step, sampler_name=args.get("sampler_name", "euler"),
                          scheduler=args.get("scheduler", "simple"), denoise=float(args.get("denoise", 1.0)),
-                         noise_mask=tensors.get("noise_mask"))
+                         noise_mask=tensors.get("noise_mask"), add_noise=bool(args.get("add_noise", True)),
+                         start_step=args.get("start_step"), last_step=args.get("last_step"),
+                         force_full_denoise=bool(args.get("force_full_denoise", False)))
         samples = samples.float().cpu()  # waits for the GPU, so elapsed covers the whole denoise
         return dict(elapsed=time.time() - start, **self._peak_memory()), {"samples": samples}

@@ -122,7 +122,10 @@ class DiTModel:
     def check_conditioning(self, cond: dict) -> None:
         missing = [n for n in self.family.conditioning if n not in cond]
         if missing:
-            raise ValueError(f"{self.family.label} needs conditioning {', '.join(missing)}; got "
+            hint = (" (a pooled output: encode the prompt with the model's own text encoders, e.g. Flux: "
+                    "DualCLIPLoader type flux; SD3: TripleCLIPLoader; then CLIPTextEncode)" if "pooled" in missing
+                    else "")
+            raise ValueError(f"{self.family.label} needs conditioning {', '.join(missing)}{hint}; got "
                              f"{', '.join(sorted(cond)) or 'none'}")
         self.check_text(cond["context"].shape[1])
 

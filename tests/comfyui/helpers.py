@@ -30,6 +30,8 @@ VAE = "cxd_vae16.safetensors"           # 16-channel VAE, BFL/LDM layout (vae)
 SD3_LORA = "cxd_sd3_lora.safetensors"   # kohya/ComfyUI names for the SD3 model (loras)
 FLUX_LORA = "cxd_flux_lora.safetensors"  # kohya/ComfyUI names for the Flux model (loras)
 IMAGE = "cxd_input.png"                 # a 192x128 picture for img2img (input)
+WAN_HIGH = "cxd_wan_high.safetensors"   # tiny Wan 2.1 T2V (text_dim 4096), original Wan keys, fp32 (diffusion_models)
+WAN_LOW = "cxd_wan_low_fp8_scaled.safetensors"  # another one as ComfyUI's scaled fp8: Wan 2.2's second expert
 
 
 # --- where things are -------------------------------------------------------------------------------------
@@ -148,7 +150,9 @@ def write_models(base: str, flux: bool = True) -> dict:
       1 single block, vec_in 2048 (CLIPLoader type sd3 with CLIP-L alone gives context [B, 77, 4096] and pooled
       [B, 2048]), guidance embedder (dev), BFL keys under model.diffusion_model., fp32 (about 2 GB);
     - CLIP-L (text_encoders), a 16-channel VAE with the real widths (vae: ComfyUI's VAE loader assumes a
-      128-channel first level), kohya LoRAs for both transformers (loras)."""
+      128-channel first level), kohya LoRAs for both transformers (loras);
+    - Wan: two tiny Wan 2.1 T2V transformers in the original layout (ComfyUI's repackaged files), the second
+      as ComfyUI's scaled fp8, the two experts of a Wan 2.2-style chain."""
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -191,6 +195,16 @@ def write_models(base: str, flux: bool = True) -> dict:
                   os.path.join(models, "loras", FLUX_LORA))
         del model, bfl
 
+    # Wan: ComfyUI reads width, depth, ffn width and input channels off the file; heads are width // 128 and the
+    # text width is fixed at 4096 (CLIP-L through CLIPLoader type sd3 gives [B, 77, 4096])
+    from comfy_xdit.models.wan import WAN
+    from comfy_xdit.models.wan.checkpoint import write_wan_checkpoint
+
+    for name, seed, scaled in ((WAN_HIGH, 0, False), (WAN_LOW, 1, True)):
+        wan = WAN.random(dict(WAN.preset_config("tiny-wan-t2v"), text_dim=4096), seed=seed)
+        write_wan_checkpoint(wan, os.path.join(models, "diffusion_models", name), layout="wan", scaled_fp8=scaled)
+    del wan
+
     save_file(_clip_l_state_dict(seed=0), os.path.join(models, "text_encoders", CLIP_L))
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -202,7 +216,7 @@ def write_models(base: str, flux: bool = True) -> dict:
     rgb = torch.stack([x, y, 0.5 + 0.5 * torch.sin(30 * ((x - 0.5) ** 2 + (y - 0.5) ** 2))], dim=-1)
     Image.fromarray((rgb * 255).round().byte().numpy()).save(os.path.join(base, "input", IMAGE))
     return dict(sd3=SD3, flux=FLUX if flux else None, clip_l=CLIP_L, vae=VAE, sd3_lora=SD3_LORA,
-                flux_lora=FLUX_LORA if flux else None, image=IMAGE)
+                flux_lora=FLUX_LORA if flux else None, image=IMAGE, wan_high=WAN_HIGH, wan_low=WAN_LOW)
 
 
 # --- workflows --------------------------------------------------------------------------------------------

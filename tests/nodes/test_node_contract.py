@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 import fake_comfy
 
@@ -108,10 +109,16 @@ def test_missing_file_and_bad_conditioning_fail_clearly(pack):
     nodes = pack.NODE_CLASS_MAPPINGS
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         nodes["XDiTModelLoader"]().load("missing.safetensors", "bf16", 1, "auto")
-    with pytest.raises(ValueError, match="no pooled output"):
-        pack.nodes._conditioning([[object(), {}]], "positive")
+    with pytest.raises(ValueError, match="is empty"):
+        pack.nodes._conditioning([], "positive")
     with pytest.raises(ValueError, match="takes a single entry"):
         pack.nodes._conditioning([[1, {"pooled_output": 1}], [2, {"pooled_output": 2}]], "positive")
+    # no pooled output (Wan has none): the workers say whether the model needs one; I2V tensors ride along
+    vision = type("Vision", (), {"penultimate_hidden_states": torch.ones(1, 257, 8)})()
+    cond = pack.nodes._conditioning([[torch.zeros(1, 5, 8), {"clip_vision_output": vision,
+                                                              "concat_mask": torch.ones(1, 1, 2, 4, 4)}]], "negative")
+    assert cond.pooled is None and set(cond.tensors("negative")) == {"negative.context", "negative.clip_fea",
+                                                                    "negative.concat_mask"}
 
 
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}

@@ -64,8 +64,8 @@ def test_unknown_file_lists_the_known_families(tmp_path):
     with pytest.raises(CheckpointError) as e:
         detect_family(path)
     msg = str(e.value)
-    assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg and "Known families: Flux.1, SD3 / SD3.5" in msg
-    assert known_families() == "Flux.1, SD3 / SD3.5"
+    assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg and "Known families: Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2" in msg
+    assert known_families() == "Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2"
 
 
 def test_presets_resolve_to_their_family():

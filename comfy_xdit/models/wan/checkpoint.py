@@ -231,21 +231,24 @@ def real_rope(model, device):
 
 def write_wan_checkpoint(model, path, layout: str = "wan", dtype=None, scaled_fp8: bool = False):
     """Save ``model`` as one file: 'wan' (original keys, as ComfyUI's repackaged files), 'comfy' (those under
-    model.diffusion_model.) or 'diffusers'. scaled_fp8: the blocks' Linear weights as ComfyUI's scaled fp8
-    (float8_e4m3fn weight / its absmax-derived scale, a ``scale_weight`` per Linear and the marker tensor)."""
+    model.diffusion_model.) or 'diffusers'. scaled_fp8: every Linear weight as ComfyUI's scaled fp8
+    (float8_e4m3fn weight / its absmax-derived scale, a ``scale_weight`` per Linear and the marker tensor), the
+    biases plain fp8."""
     from safetensors.torch import save_file
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    linear = {f"{n}.weight" for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")}
+    # every Linear, as ComfyUI's scaled files hold them (its scaled-fp8 ops store every Linear weight in fp8)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     out = {}
     for k, v in sd.items():
         if scaled_fp8 and k in linear:
             scale = (v.float().abs().max() / torch.finfo(FP8).max).clamp(min=1e-12)
             out[k] = (v.float() / scale).to(FP8)
             out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        elif scaled_fp8 and k.endswith(".bias") and k[:-len("bias")] + "weight" in linear:
+            out[k] = v.to(FP8)  # ComfyUI's scaled-fp8 ops hold Linear biases in fp8 (unscaled) too
         else:
             out[k] = v.to(dtype or v.dtype)
     if layout != "diffusers":

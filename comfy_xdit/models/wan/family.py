@@ -131,7 +131,7 @@ class WanFamily(Family):
             raise ValueError(f"{self.label} takes video latents [B, C, frames, h, w]; got shape {tuple(latent_shape)} "
                              f"(use EmptyHunyuanLatentVideo, or Wan22ImageToVideoLatent for the 5B model)")
         c, (h, w) = latent_shape[1], latent_shape[-2:]
-        if c != fmt.channels:
+        if c != fmt.channels and c != config["in_channels"]:  # the latter: ComfyUI's c_concat already joined
             raise ValueError(f"this {self.variant(config)} model takes {fmt.channels}-channel latents, got {c}")
         px = 16 if fmt.channels == 48 else 8  # the Wan 2.2 VAE compresses 16x, the Wan 2.1 VAE 8x
         if h % self.patch_size or w % self.patch_size:
