@@ -112,6 +112,11 @@ class WanFamily(Family):
     def random(self, config, seed=0, dtype=torch.float32, device="cpu", fp8=False, stage=None):
         return real_rope(super().random(config, seed=seed, dtype=dtype, device=device, fp8=fp8, stage=stage), device)
 
+    def load_lora(self, path, shapes):
+        from .lora import load_wan_lora
+
+        return load_wan_lora(path, shapes)
+
     def latent_format_for(self, config) -> LatentFormat:
         return WAN22_LATENT if config["out_channels"] == 48 else WAN21_LATENT
 
