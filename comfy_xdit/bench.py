@@ -4,6 +4,7 @@
                                [--baseline] [--steps 28] [--preset flux-dev] [--json out.json]
                                [--weight-dtype fp8_e4m3fn] [--memory-cap-gb 16 [--resident-gb 4.9]]
     python -m comfy_xdit.bench --vae --px 2048,4096,8192 --gpus 1,2
+    python -m comfy_xdit.bench --preset wan2.1-t2v-14b --px 832x480 --frames 81 --cfg 5 --steps 40 --gpus 1,2
 
 Full-size random-weight models (shapes, not values, decide speed). For every GPU count,
 strategy, resolution and compile setting: one warm-up request, then one timed request of
@@ -38,9 +39,16 @@ STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ri
 
 
 def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
-    """Matmul + attention FLOPs of one MM-DiT forward (Flux: double + single blocks; SD3: joint blocks, plus
-    SD3.5 Medium's image-only attn2), counted from the shapes."""
+    """Matmul + attention FLOPs of one forward, counted from the shapes: MM-DiTs (Flux: double + single blocks;
+    SD3: joint blocks, plus SD3.5 Medium's image-only attn2) and Wan (self-attention, cross-attention to the text,
+    FFN per block)."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
+    if "ffn_dim" in config:  # Wan
+        s, t = image_tokens, text_tokens
+        block = (2 * s * d * 4 * d + 4 * s * s * d            # self-attention: q, k, v, o; QK^T and PV
+                 + 2 * s * d * 2 * d + 2 * t * d * 2 * d + 4 * s * t * d  # cross: q, o; k, v of the text
+                 + 2 * s * d * config["ffn_dim"] * 2)
+        return config["num_layers"] * block
     s, mlp = image_tokens + text_tokens, 4
     double = 2 * s * d * 4 * d + 2 * s * d * 2 * mlp * d + 4 * s * s * d
     single = 2 * s * d * (3 * d + mlp * d) + 2 * s * (d + mlp * d) * d + 4 * s * s * d
@@ -49,12 +57,48 @@ def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
             + len(config.get("dual_attention_layers") or ()) * attn2)
 
 
-def baseline_diffusers(family, config: dict, px: int, steps: int, text_tokens: int, cfg: float = 1.0) -> float:
-    """Plain diffusers FluxPipeline / StableDiffusion3Pipeline on one GPU, latent out: the reference the
-    speedups divide."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024' -> (1024, 1024); '832x480' -> (832, 480) (width x height, px)."""
+    w, _, h = text.partition("x")
+    return int(w), int(h or w)
 
+
+def latent_shape(family, config: dict, size: tuple[int, int], frames: int) -> tuple:
+    """The latent a job of this size takes: [1, C, h, w], or for video [1, C, 1 + (frames - 1) // 4, h, w]."""
+    w, h = size
+    fmt = family.latent_format_for(config)
+    if family.video:
+        down = 16 if fmt.channels == 48 else 8  # the Wan 2.2 VAE compresses 16x, the Wan 2.1 VAE 8x
+        return (1, fmt.channels, 1 + (max(frames, 1) - 1) // 4, h // down, w // down)
+    return (1, fmt.channels, h // 8, w // 8)
+
+
+def size_label(size: tuple[int, int], frames: int) -> str:
+    return f"{size[0]}x{size[1]}" + (f"x{frames}f" if frames else "")
+
+
+def baseline_diffusers(family, config: dict, px, steps: int, text_tokens: int, cfg: float = 1.0,
+                       frames: int = 0) -> float:
+    """Plain diffusers FluxPipeline / StableDiffusion3Pipeline / WanPipeline on one GPU, latent out: the reference
+    the speedups divide. px: a side or (width, height)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+
+    width, height = (px, px) if isinstance(px, int) else px
     transformer = family.random(config, dtype=torch.bfloat16, device="cuda")
+    if family.name == "wan":
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0))
+        embeds = torch.randn(1, text_tokens, config["text_dim"], device="cuda", dtype=torch.bfloat16)
+
+        def run(n):
+            pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=height, width=width, num_frames=frames,
+                 num_inference_steps=n, guidance_scale=cfg, output_type="latent")
+            torch.cuda.synchronize()
+
+        run(2)
+        start = time.perf_counter()
+        run(steps)
+        return time.perf_counter() - start
     embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device="cuda", dtype=torch.bfloat16)
     pooled = torch.randn(1, config["pooled_projection_dim"], device="cuda", dtype=torch.bfloat16)
     if family.name == "sd3":
@@ -71,7 +115,7 @@ def baseline_diffusers(family, config: dict, px: int, steps: int, text_tokens: i
         extra = dict(max_sequence_length=text_tokens)
 
     def run(n):
-        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=px, width=px, num_inference_steps=n,
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width, num_inference_steps=n,
              output_type="latent", **extra)
         torch.cuda.synchronize()
 
@@ -93,7 +137,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flux-dev", choices=sorted(all_presets()))
     p.add_argument("--cfg", type=float, default=1.0, help="cfg > 1 runs a negative prompt (SD3: 4.5)")
-    p.add_argument("--px", default="1024")
+    p.add_argument("--px", default="1024", help="sizes, comma-separated: 1024 (square) or 832x480 (width x height)")
+    p.add_argument("--frames", type=int, default=0, help="video families: pixel frames (Wan: 81)")
     p.add_argument("--gpus", default="1,2")
     p.add_argument("--strategies", default="ulysses,ring")
     p.add_argument("--steps", type=int, default=28)
@@ -114,19 +159,19 @@ def main(argv=None) -> int:
         p.error("no CUDA GPU is visible (use --device cpu with --preset tiny for a smoke run)")
     if args.baseline and args.device != "cuda":
         p.error("--baseline needs CUDA")
-    resolutions = [int(x) for x in args.px.split(",")]
+    resolutions = [parse_size(x) for x in args.px.split(",")]
     args.weight_dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.vae:
-        return bench_vae(args, resolutions)
+        return bench_vae(args, [w for w, _ in resolutions])
     family = family_for_preset(args.preset)
     config = family.preset_config(args.preset)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    baselines = {px: baseline_diffusers(family, config, px, args.steps, args.text_tokens, args.cfg)
+    baselines = {px: baseline_diffusers(family, config, px, args.steps, args.text_tokens, args.cfg, args.frames)
                  for px in resolutions} if args.baseline else {}
     if baselines:
         torch.cuda.empty_cache()  # the baseline's model is gone; hand its memory back before the pools start
     for px, seconds in baselines.items():
-        print(f"diffusers, 1 GPU, {px}px: {seconds:.3f} s", file=sys.stderr, flush=True)
+        print(f"diffusers, 1 GPU, {size_label(px, args.frames)}: {seconds:.3f} s", file=sys.stderr, flush=True)
 
     resident = (torch.empty(int(args.resident_gb * 1e9), dtype=torch.uint8, device="cuda")
                 if args.resident_gb else None)  # stays allocated until this process ends
@@ -152,15 +197,18 @@ def main(argv=None) -> int:
                         continue
                     for px in resolutions:
                         g = torch.Generator().manual_seed(0)
-                        tensors = {"positive.context": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
-                                                                   generator=g).bfloat16(),
-                                   "positive.pooled": torch.randn(1, config["pooled_projection_dim"],
-                                                                  generator=g).bfloat16(),
-                                   "latent": torch.zeros(1, 16, px // 8, px // 8)}
+                        shape = latent_shape(family, config, px, args.frames)
+                        width = config.get("joint_attention_dim") or config["text_dim"]
+                        tensors = {"positive.context": torch.randn(1, args.text_tokens, width, generator=g).bfloat16(),
+                                   "latent": torch.zeros(shape)}
+                        if "pooled_projection_dim" in config:
+                            tensors["positive.pooled"] = torch.randn(1, config["pooled_projection_dim"],
+                                                                     generator=g).bfloat16()
                         if args.cfg != 1.0:
                             tensors.update({"negative." + k.split(".")[1]: v for k, v in tensors.items()
                                             if k.startswith("positive.")})
-                        label = f"{gpus} GPU {strategy} {px}px compile={compiled}"
+                        label = f"{gpus} GPU {strategy} {size_label(px, args.frames)} compile={compiled}"
+                        rows_, cols_ = family.token_grid(shape)
                         warm = dict(model_key=key, seed=0, steps=3 if compiled else 2, cfg=args.cfg)
                         pool.request("sample", warm, tensors)
                         start = time.perf_counter()
@@ -168,9 +216,10 @@ def main(argv=None) -> int:
                                                 tensors, on_progress=_progress(label))
                         total = time.perf_counter() - start
                         branches = 2 if args.cfg != 1.0 else 1
-                        flops = flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps * branches
+                        flops = flops_per_step(config, rows_ * cols_, args.text_tokens) * args.steps * branches
                         row = dict(gpus=gpus, strategy=strategy, dtype=loaded.get("weight_dtype", dtype),
-                                   layout={k: v for k, v in loaded["parallel"].items() if v > 1}, px=px,
+                                   layout={k: v for k, v in loaded["parallel"].items() if v > 1},
+                                   px=size_label(px, args.frames),
                                    compile=compiled, steps=args.steps,
                                    seconds=round(total, 3), denoise_s=round(reply["elapsed"], 3),
                                    overhead_ms=round((total - reply["elapsed"]) * 1e3, 1),
@@ -184,21 +233,24 @@ def main(argv=None) -> int:
         finally:
             pool.shutdown()
 
-    print(f"\n{'GPUs':>4} {'strategy':>8} {'px':>5} {'compile':>7} {'seconds':>8} {'denoise':>8} {'ovh ms':>7} "
+    print(f"\n{'GPUs':>4} {'strategy':>8} {'px':>12} {'compile':>7} {'seconds':>8} {'denoise':>8} {'ovh ms':>7} "
           f"{'speedup':>7} {'TFLOP/s/GPU':>11}  peak GiB/GPU  weights, layout")
     for px, seconds in baselines.items():
-        print(f"{1:>4} {'diffusers':>8} {px:>5} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} {1.0:>7.2f} "
-              f"{flops_per_step(config, (px // 16) ** 2, args.text_tokens) * args.steps * (2 if args.cfg != 1.0 else 1) / seconds / 1e12:>11.1f}")
+        rows_, cols_ = family.token_grid(latent_shape(family, config, px, args.frames))
+        flops = flops_per_step(config, rows_ * cols_, args.text_tokens) * args.steps * (2 if args.cfg != 1.0 else 1)
+        print(f"{1:>4} {'diffusers':>8} {size_label(px, args.frames):>12} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} "
+              f"{1.0:>7.2f} {flops / seconds / 1e12:>11.1f}")
     for r in rows:
         if "refused" in r:
             print(f"{r['gpus']:>4} {r['strategy']:>8} {r['dtype']}: refused: {r['refused']}")
             continue
-        print(f"{r['gpus']:>4} {r['strategy']:>8} {r['px']:>5} {str(r['compile']):>7} {r['seconds']:>8.3f} "
+        print(f"{r['gpus']:>4} {r['strategy']:>8} {r['px']:>12} {str(r['compile']):>7} {r['seconds']:>8.3f} "
               f"{r['denoise_s']:>8.3f} {r['overhead_ms']:>7.1f} {r.get('speedup_vs_diffusers', float('nan')):>7.2f} "
               f"{r['tflops_per_gpu']:>11.1f}  {r['peak_gib']}  {r['dtype']} {r['layout']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(baselines=baselines, rows=rows), f, indent=1)
+            json.dump(dict(baselines={size_label(px, args.frames): v for px, v in baselines.items()}, rows=rows), f,
+                      indent=1)
     del resident
     return 0
 

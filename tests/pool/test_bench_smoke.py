@@ -15,6 +15,15 @@ def test_bench_runs_through_the_pool(tmp_path, capsys):
     assert "TFLOP/s/GPU" in capsys.readouterr().out
 
 
+def test_bench_runs_a_video_family(tmp_path, capsys):
+    out = tmp_path / "wan.json"
+    assert bench.main(["--device", "cpu", "--preset", "tiny-wan-t2v", "--px", "32x48", "--frames", "5", "--cfg", "5",
+                       "--gpus", "2", "--steps", "2", "--strategies", "cfg_parallel,ulysses", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["strategy"], r["px"]) for r in rows] == [("cfg_parallel", "32x48x5f"), ("ulysses", "32x48x5f")]
+    assert all(r["seconds"] >= r["denoise_s"] > 0 and r["tflops_per_gpu"] >= 0 for r in rows)
+
+
 def test_bench_vae_decode_through_the_pool(tmp_path, capsys):
     out = tmp_path / "vae.json"
     assert bench.main(["--device", "cpu", "--vae", "--px", "64", "--gpus", "2", "--weight-dtype", "fp32",
