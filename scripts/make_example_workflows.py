@@ -1,4 +1,4 @@
-"""Writes example_workflows/: each Flux and SD3 workflow in ComfyUI's UI format (for the template
+"""Writes example_workflows/: each Flux, SD3 and Wan workflow in ComfyUI's UI format (for the template
 browser and drag-and-drop) and in API format (for POST /prompt), from one description so
 the two never drift apart.
 
@@ -95,9 +95,78 @@ SD3_TXT2IMG = {  # SD3.5 Large at cfg 4.5: cfg parallel is its main win on 2 GPU
     10: ("SaveImage", {"filename_prefix": "xdit_sd3"}, {"images": (9, 0, "IMAGE")}, []),
 }
 
+NEGATIVE_WAN = "static, blurry, low quality, jpeg artifacts, deformed, still picture, overexposed"
+WAN_T2V = {  # Wan 2.1 T2V 14B at 832x480, 81 frames, cfg 5 with a negative prompt: "auto" picks cfg parallel
+    1: ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"},
+        {}, [("CLIP", "CLIP")]),
+    2: ("CLIPTextEncode", {"text": "a red fox trotting through fresh snow in a pine forest, morning light"},
+        {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    3: ("CLIPTextEncode", {"text": NEGATIVE_WAN}, {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    4: ("XDiTModelLoader", {"unet_name": "wan2.1_t2v_14B_bf16.safetensors", "weight_dtype": "bf16", "gpus": 2,
+                            "strategy": "auto", "ulysses_degree": 1, "ring_degree": 1}, {},
+        [("XDIT_MODEL", "XDIT_MODEL")]),
+    5: ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1}, {},
+        [("LATENT", "LATENT")]),
+    6: ("XDiTSampler", {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+                        "denoise": 1.0},
+        {"model": (4, 0, "XDIT_MODEL"), "positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING"),
+         "latent_image": (5, 0, "LATENT")}, [("LATENT", "LATENT")]),
+    7: ("XDiTVAELoader", {"vae_name": "wan_2.1_vae.safetensors", "gpus": 2}, {}, [("XDIT_VAE", "XDIT_VAE")]),
+    8: ("XDiTVAEDecode", {}, {"samples": (6, 0, "LATENT"), "vae": (7, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")]),
+    9: ("SaveWEBM", {"filename_prefix": "xdit_wan", "codec": "vp9", "fps": 16.0, "crf": 32.0},
+        {"images": (8, 0, "IMAGE")}, []),
+}
+
+
+def wan_i2v(base: dict) -> dict:
+    """Wan 2.1 I2V 14B: ComfyUI's CLIP vision and WanImageToVideo (its VAE encodes the start frame) make the
+    conditioning and the latent; the pool samples and decodes."""
+    wf = dict(base)
+    wf[4] = ("XDiTModelLoader", dict(base[4][1], unet_name="wan2.1_i2v_480p_14B_bf16.safetensors"), {},
+             base[4][3])
+    wf[10] = ("CLIPVisionLoader", {"clip_name": "clip_vision_h.safetensors"}, {}, [("CLIP_VISION", "CLIP_VISION")])
+    wf[11] = ("LoadImage", {"image": "example.png", "upload": "image"}, {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    wf[12] = ("CLIPVisionEncode", {"crop": "none"}, {"clip_vision": (10, 0, "CLIP_VISION"), "image": (11, 0, "IMAGE")},
+              [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")])
+    wf[13] = ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}, {}, [("VAE", "VAE")])
+    wf[5] = ("WanImageToVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1},
+             {"positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING"), "vae": (13, 0, "VAE"),
+              "clip_vision_output": (12, 0, "CLIP_VISION_OUTPUT"), "start_image": (11, 0, "IMAGE")},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")])
+    cls, widgets, inputs, outputs = base[6]
+    wf[6] = (cls, widgets, dict(inputs, positive=(5, 0, "CONDITIONING"), negative=(5, 1, "CONDITIONING"),
+                                latent_image=(5, 2, "LATENT")), outputs)
+    return wf
+
+
+def wan22_two_experts(base: dict) -> dict:
+    """Wan 2.2 T2V A14B: the high-noise expert for the first half of the steps, handing its leftover noise to
+    the low-noise expert for the rest (ComfyUI's template does it with two KSamplerAdvanced); both stay
+    resident in the workers."""
+    wf = dict(base)
+    wf[4] = ("XDiTModelLoader", dict(base[4][1], unet_name="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                     weight_dtype="fp8_e4m3fn"), {}, base[4][3])
+    wf[14] = ("XDiTModelLoader", dict(base[4][1], unet_name="wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+                                      weight_dtype="fp8_e4m3fn"), {}, base[4][3])
+    wf[15] = ("XDiTModelSamplingSD3", {"shift": 8.0}, {"model": (4, 0, "XDIT_MODEL")}, [("XDIT_MODEL", "XDIT_MODEL")])
+    wf[16] = ("XDiTModelSamplingSD3", {"shift": 8.0}, {"model": (14, 0, "XDIT_MODEL")},
+              [("XDIT_MODEL", "XDIT_MODEL")])
+    common = {"positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING")}
+    settings = {"seed": 42, "steps": 20, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    wf[6] = ("XDiTSampler", dict(settings, add_noise="enable", start_at_step=0, end_at_step=10,
+                                 return_with_leftover_noise="enable"),
+             dict(common, model=(15, 0, "XDIT_MODEL"), latent_image=(5, 0, "LATENT")), [("LATENT", "LATENT")])
+    wf[17] = ("XDiTSampler", dict(settings, add_noise="disable", start_at_step=10, end_at_step=10000,
+                                  return_with_leftover_noise="disable"),
+              dict(common, model=(16, 0, "XDIT_MODEL"), latent_image=(6, 0, "LATENT")), [("LATENT", "LATENT")])
+    wf[8] = ("XDiTVAEDecode", {}, {"samples": (17, 0, "LATENT"), "vae": (7, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")])
+    return wf
+
+
 WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
              "flux_controlnet_xdit": with_controlnet(TXT2IMG), "flux_ksampler_xdit_model": with_comfy_sampler(TXT2IMG),
-             "sd3_txt2img_xdit": SD3_TXT2IMG}
+             "sd3_txt2img_xdit": SD3_TXT2IMG, "wan21_t2v_xdit": WAN_T2V, "wan21_i2v_xdit": wan_i2v(WAN_T2V),
+             "wan22_two_experts_xdit": wan22_two_experts(WAN_T2V)}
 
 
 UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt
