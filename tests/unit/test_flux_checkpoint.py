@@ -213,9 +213,9 @@ def test_missing_and_extra_keys(tmp_path, dev):
     _expect_error(tmp_path / "dmiss.safetensors", "missing", "single_transformer_blocks.1.attn.norm_k.weight")
 
     bfl = {k: v.clone() for k, v in diffusers_to_bfl(dev.state_dict()).items()}
-    bfl["double_blocks.0.img_attn.qkv.scale_weight"] = torch.ones(())
+    bfl["double_blocks.0.img_attn.qkv.lora_down.weight"] = torch.ones(2, 2)
     save_file(bfl, str(tmp_path / "extra.safetensors"))
-    _expect_error(tmp_path / "extra.safetensors", "unexpected", "scale_weight")
+    _expect_error(tmp_path / "extra.safetensors", "unexpected", "lora_down")
 
 
 def test_load_reports_the_bytes_it_reads(tmp_path, dev):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
                          key_sample, meta_shapes, num_blocks, read_header, read_state_dict, read_tensors,
-                         stored_dtypes, with_path)
+                         scaled_fp8_keys, stored_dtypes, with_path)
 from ..blocks import BlockLayout
 from ..fp8 import FP8
 
@@ -155,9 +155,7 @@ def _swap(t):
 def _check_leftover(sd, used):
     left = sorted(set(sd) - used)
     if left:
-        hint = " (scaled-fp8 checkpoints are not supported)" if any("scale_weight" in k or "scaled_fp8" in k
-                                                                   for k in left) else ""
-        raise CheckpointError(f"{len(left)} unexpected keys for a Flux.1 transformer, e.g. {left[:5]}{hint}")
+        raise CheckpointError(f"{len(left)} unexpected keys for a Flux.1 transformer, e.g. {left[:5]}")
 
 
 def bfl_to_diffusers(sd, config) -> dict:
@@ -233,6 +231,7 @@ def read_flux_info(path) -> FluxCheckpointInfo:
 def _inspect(path):
     header = read_header(path, FLUX_EXPECTED)
     keys, _ = diffusion_model_keys(header)  # a ComfyUI file: only the diffusion model
+    keys, _scales = scaled_fp8_keys(keys)  # ComfyUI's scaled fp8: the scales travel beside their weights
     layout = detect_layout(keys)
     shapes = {_strip(k): v for k, v in meta_shapes(header, keys).items()}
     config = flux_config_from_state_dict(shapes, layout)
@@ -269,8 +268,9 @@ def load_flux_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = 
                  if layout == "bfl" else [(k, [k], "copy") for k in want])
         rules = [r for r in rules if r[1][0] in want]
         file_key = {_strip(k): k for k in keys}
+        scales = scaled_fp8_keys(diffusion_model_keys(read_header(path, FLUX_EXPECTED))[0])[1]
         sd = read_tensors(path, [file_key[b] for b, _, _ in rules], device=device, expected=FLUX_EXPECTED,
-                          dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules}, progress=progress)
+                          dtype={file_key[b]: want[ds[0]] for b, ds, _ in rules}, progress=progress, scales=scales)
         sd = _apply_rules({_strip(k): v for k, v in sd.items()}, rules, config)
     except CheckpointError as e:
         raise with_path(path, e) from e

@@ -19,7 +19,8 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 
 from ..blocks import BlockLayout
 from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,
-                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, stored_dtypes, with_path)
+                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, scaled_fp8_keys,
+                          stored_dtypes, with_path)
 from ..fp8 import FP8
 
 SD3_BLOCKS = BlockLayout(containers=("transformer_blocks",), embedders=("pos_embed", "context_embedder"),
@@ -177,9 +178,7 @@ def _check_keys(expected, keys, config, names="SAI"):
                               f"blocks ({names} layout), e.g. {missing[:5]}")
     left = sorted(keys - set(expected))
     if left:
-        hint = (" (scaled-fp8 checkpoints are not supported)"
-                if any("scale_weight" in k or "scaled_fp8" in k for k in left) else "")
-        raise CheckpointError(f"{len(left)} unexpected keys for an SD3 transformer, e.g. {left[:5]}{hint}")
+        raise CheckpointError(f"{len(left)} unexpected keys for an SD3 transformer, e.g. {left[:5]}")
 
 
 def _check_shapes(expected: dict, sd: dict):
@@ -219,6 +218,7 @@ def read_sd3_info(path) -> SD3CheckpointInfo:
 def _inspect(path):
     header = read_header(path, SD3_EXPECTED)
     keys, prefix = diffusion_model_keys(header)  # a ComfyUI / SAI full file: only the diffusion model
+    keys, _scales = scaled_fp8_keys(keys)  # ComfyUI's scaled fp8: the scales travel beside their weights
     shapes = {k[len(prefix):]: v for k, v in meta_shapes(header, keys).items()}
     layout = detect_sd3_layout(shapes)
     if layout is None:
@@ -269,8 +269,9 @@ def load_sd3_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = F
         # no compute-dtype detour.
         want = {k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
         reads = {s: want[ds[0]] for s, ds, _ in rules if ds[0] in want} if layout == "sai" else want
+        scales = scaled_fp8_keys(diffusion_model_keys(read_header(path, SD3_EXPECTED))[0])[1]
         sd = read_tensors(path, [prefix + k for k in reads], dtype={prefix + k: t for k, t in reads.items()},
-                          device=device, progress=progress, expected=SD3_EXPECTED)
+                          device=device, progress=progress, expected=SD3_EXPECTED, scales=scales)
         sd = {k[len(prefix):]: v for k, v in sd.items()}
         if layout == "sai":
             # Other stages' tensors go in as header-shaped meta placeholders so the converter sees a whole
