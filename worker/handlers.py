@@ -364,34 +364,49 @@ class WorkerState:
 
     def _load_vae(self, args: dict) -> dict:
         key, (_, info) = self._resident_vae(args["path"], args.get("dtype", "fp32"))
-        return dict(model_key=key, latent_channels=info.latent_channels)
+        return dict(model_key=key, latent_channels=info.latent_channels, latent_format=info.latent_format,
+                    is_video=info.is_video, spatial_ratio=info.spatial_ratio, temporal_ratio=info.temporal_ratio)
 
     def _vae(self, kind: str, args: dict, tensors: dict) -> tuple[dict, dict]:
-        """Patch-parallel decode/encode: every rank takes a band of rows; the result lands on rank 0."""
+        """Patch-parallel decode/encode: every rank takes a band of latent rows; the result lands on rank 0.
+
+        Image VAEs: latents [B, C, h, w] <-> IMAGE [B, H, W, C]. The Wan video VAEs: latents [B, C, T, h, w] decode
+        to IMAGE [B * F, H, W, 3] (F = 1 + 4 (T - 1), frames as the batch), an IMAGE [F, H, W, C] encodes as the
+        frames of one video; the rows are dim -2 of the latent either way."""
+        from comfy_xdit.vae import wan, wan_parallel
+
         vae, info = self.vaes[args["vae_key"]]
+        if info.is_video:
+            fits, run_decode, run_encode = (wan_parallel.check_decode_fits, wan_parallel.parallel_decode,
+                                            wan_parallel.parallel_encode)
+        else:
+            fits, run_decode, run_encode = check_decode_fits, parallel_decode, parallel_encode
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode():
             if kind == "decode":
                 samples = tensors["samples"].to(self.device)
+                ndim = 2 + info.latent_dims
+                _require(samples.dim() == ndim, f"this VAE takes {ndim}-d latents "
+                         f"{'[B, C, T, h, w]' if info.is_video else '[B, C, h, w]'}, got {tuple(samples.shape)}")
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
                 if self.device.type == "cuda":  # the smallest free memory of any rank, so all ranks agree
                     try:
-                        check_decode_fits(info.config, tuple(samples.shape), self.world_size,
-                                          next(vae.parameters()).dtype, *self._fullest_gpu())
+                        fits(info.config, tuple(samples.shape), self.world_size, next(vae.parameters()).dtype,
+                             *self._fullest_gpu())
                     except MemoryError as e:
                         raise RequestError(str(e), kind="memory") from e
-                if samples.shape[2] >= self.world_size:
-                    out = parallel_decode(vae, samples)
+                if wan.latent_rows(samples.shape) >= self.world_size:
+                    out = run_decode(vae, samples)
                 else:  # fewer latent rows than ranks: one rank decodes it whole
                     out = vae_loader.decode(vae, samples) if self.rank == 0 else None
                 name = "images"
             else:
                 images = tensors["images"].to(self.device)
-                if images.shape[1] // 8 >= self.world_size:
-                    out = parallel_encode(vae, images)
+                if images.shape[1] // info.spatial_ratio >= self.world_size:
+                    out = run_encode(vae, images)
                 else:
                     out = vae_loader.encode(vae, images) if self.rank == 0 else None
                 name = "samples"

@@ -38,7 +38,11 @@ class VaeInfo:
     16-channel VAEs are assumed to be Flux.1's (scale 0.3611, shift 0.1159): SD3's VAE has the
     same shapes but uses scale 1.5305, shift 0.0609, and nothing in the file tells them apart.
     Likewise 4 channels are assumed SD1.x (0.18215); SDXL's VAE (0.13025) is indistinguishable.
-    Other channel counts get latent_format None with identity scale/shift."""
+    Other channel counts get latent_format None with identity scale/shift.
+
+    The Wan video VAEs (vae/wan.py) have latent_format "wan21" (16 channels) or "wan22" (48) with per-channel
+    latents_mean / latents_std (ComfyUI's latent_formats.Wan21 / Wan22), latent_dims 3 ([B, C, T, h, w]),
+    temporal_ratio 4 and spatial_ratio 8 (2.1) or 16 (2.2)."""
     path: str
     layout: str
     config: dict
@@ -47,13 +51,33 @@ class VaeInfo:
     scale_factor: float
     shift_factor: float
     stored_dtypes: set = field(default_factory=set)
+    latents_mean: tuple | None = None  # per channel; when set, replaces shift_factor
+    latents_std: tuple | None = None
+    latent_dims: int = 2  # dimensions after [B, C]: 2 for images, 3 for video (T, h, w)
+    temporal_ratio: int = 1  # video frames per latent frame (the first latent frame holds one)
+    spatial_ratio: int = 8  # pixels per latent row / column
+
+    @property
+    def is_video(self) -> bool:
+        return self.latent_dims == 3
+
+    def _stats(self, latent):
+        view = (1, -1) + (1,) * (latent.ndim - 2)
+        return (torch.tensor(self.latents_mean, dtype=latent.dtype, device=latent.device).view(view),
+                torch.tensor(self.latents_std, dtype=latent.dtype, device=latent.device).view(view))
 
     def process_in(self, latent):
         """Raw VAE latent -> the diffusion model's space (ComfyUI's LatentFormat.process_in)."""
+        if self.latents_mean is not None:
+            mean, std = self._stats(latent)
+            return (latent - mean) * self.scale_factor / std
         return (latent - self.shift_factor) * self.scale_factor
 
     def process_out(self, latent):
         """Diffusion model's space -> raw VAE latent, ready for ``decode``."""
+        if self.latents_mean is not None:
+            mean, std = self._stats(latent)
+            return latent * std / self.scale_factor + mean
         return latent / self.scale_factor + self.shift_factor
 
 
@@ -139,12 +163,17 @@ def _fits(s, e) -> bool:
 
 
 def load_vae(path, dtype=torch.float32, device="cpu"):
-    """Load a single-file VAE; returns (AutoencoderKL in eval mode, VaeInfo)."""
+    """Load a single-file VAE; returns (AutoencoderKL in eval mode, VaeInfo), or (AutoencoderKLWan, VaeInfo) for a
+    Wan 2.1 / 2.2 video VAE (recognised from its keys, see vae/wan.py)."""
     from diffusers import AutoencoderKL
+
+    from comfy_xdit.vae import wan
 
     path = os.fspath(path)
     try:
         header = read_header(path, VAE_EXPECTED)
+        if wan.is_wan_vae(header):
+            return wan.load_wan_vae(path, dtype=dtype, device=device)
         keys, prefix = _strip_prefix(list(header))
         shapes = {k[len(prefix):]: v for k, v in meta_shapes(header, keys).items()}
         layout = detect_vae_layout(shapes)
@@ -176,7 +205,8 @@ def load_vae(path, dtype=torch.float32, device="cpu"):
     fmt, scale, shift = LATENT_FORMATS.get(config["latent_channels"], (None, 1.0, 0.0))
     info = VaeInfo(path=path, layout=layout, config=config, latent_channels=config["latent_channels"],
                    latent_format=fmt, scale_factor=scale, shift_factor=shift,
-                   stored_dtypes=stored_dtypes(header, keys))
+                   stored_dtypes=stored_dtypes(header, keys),
+                   spatial_ratio=2 ** (len(config["block_out_channels"]) - 1))
     return model, info
 
 
@@ -197,12 +227,24 @@ def write_vae_checkpoint(model, path, layout="ldm", dtype=None):
 
 
 def _spatial_ratio(vae) -> int:
+    if _is_wan(vae):
+        from comfy_xdit.vae import wan
+
+        return wan.spatial_ratio(vae)
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _is_wan(vae) -> bool:
+    return type(vae).__name__ == "AutoencoderKLWan"
 
 
 @torch.no_grad()
 def decode(vae, latent):
     """VAE latent [B, C, h, w] -> IMAGE float32 [B, 8h, 8w, 3] in 0..1 on the latent's device (ComfyUI VAE.decode)."""
+    if _is_wan(vae):  # video: [B, C, T, h, w] -> [B * F, H, W, 3], see vae/wan.py
+        from comfy_xdit.vae import wan
+
+        return wan.decode(vae, latent)
     c = vae.config.latent_channels
     if latent.ndim != 4 or latent.shape[1] != c:
         raise ValueError(f"latent of shape {tuple(latent.shape)} does not fit a VAE with {c} latent channels; "
@@ -217,7 +259,11 @@ def encode(vae, image):
     """IMAGE [B, H, W, C] in 0..1 -> raw latent float32 [B, C, H/8, W/8] (posterior mean), on the image's device.
 
     As in ComfyUI, channels past the third (alpha) are dropped and H, W are center-cropped to
-    multiples of 8 (the VAE's downscale)."""
+    multiples of 8 (the VAE's downscale). A Wan VAE takes the IMAGE as the frames of one video (vae/wan.py)."""
+    if _is_wan(vae):
+        from comfy_xdit.vae import wan
+
+        return wan.encode(vae, image)
     r = _spatial_ratio(vae)
     if image.ndim != 4 or image.shape[-1] < 3 or image.shape[1] < r or image.shape[2] < r:
         raise ValueError(f"image of shape {tuple(image.shape)} is not an IMAGE [B, H, W, C>=3] with H, W >= {r}")
