@@ -169,6 +169,8 @@ def estimate_bytes(kind: str, handle: ModelHandle | VaeHandle, shape: tuple = ()
             return weights
         from .vae.parallel import estimate_decode_bytes  # diffusers: imported when the first VAE job comes
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(handle.dtype, torch.bfloat16)
+        if len(shape) == 5:  # a video latent: roughly its decoded frames as images (the workers check exactly)
+            shape = (shape[0] * (1 + 4 * (shape[2] - 1)), shape[1], shape[3], shape[4])
         return weights + estimate_decode_bytes(_USUAL_VAE, shape, handle.gpus, dtype)
     extra = sum(_file_size(p) for p in extra_files)
     estimate = _header_estimate(handle, shape if kind != "load" else (), cfg)

@@ -229,7 +229,10 @@ class WorkerState:
 
     def _check_vae(self, kind: str, args: dict, tensors: dict) -> None:
         _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
-        name, ndim = ("samples", 4) if kind == "decode" else ("images", 4)
+        info = self.vaes[args["vae_key"]][1]
+        # video VAEs decode [B, C, frames, h, w]; IMAGEs are [B (frames), H, W, C] either way
+        ndim = 2 + getattr(info, "latent_dims", 2) if kind == "decode" else 4
+        name = "samples" if kind == "decode" else "images"
         _require(name in tensors and tensors[name].dim() == ndim, f"{kind} needs a {ndim}-d '{name}' tensor")
 
     # --- every rank ---------------------------------------------------------------------

@@ -148,11 +148,16 @@ def _band_aware(root: nn.Module, bands: _Bands):
         visit(root, type(root).__name__)
         yield
     finally:
-        for module, forward in reversed(patched):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+        restore_forwards(patched)
+
+
+def restore_forwards(patched: list) -> None:
+    """Undo the band-aware forwards: (module, its own forward or None for the class's), newest first."""
+    for module, forward in reversed(patched):
+        if forward is None:
+            del module.forward
+        else:
+            module.forward = forward
 
 
 def _bands(vae, latent_rows: int, group: dist.ProcessGroup | None, what: str) -> _Bands:

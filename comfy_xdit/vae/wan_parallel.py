@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comfy_xdit.vae import wan
-from comfy_xdit.vae.parallel import _bands, _Bands
+from comfy_xdit.vae.parallel import _bands, _Bands, restore_forwards
 
 
 def _causal_conv(bands: _Bands, conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,11 +83,7 @@ def _band_aware(vae: nn.Module, bands: _Bands):
                 patch(module, partial(bands.conv, module))
         yield
     finally:
-        for module, forward in reversed(patched):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+        restore_forwards(patched)
 
 
 @torch.no_grad()

@@ -32,6 +32,8 @@ FLUX_LORA = "cxd_flux_lora.safetensors"  # kohya/ComfyUI names for the Flux mode
 IMAGE = "cxd_input.png"                 # a 192x128 picture for img2img (input)
 WAN_HIGH = "cxd_wan_high.safetensors"   # tiny Wan 2.1 T2V (text_dim 4096), original Wan keys, fp32 (diffusion_models)
 WAN_LOW = "cxd_wan_low_fp8_scaled.safetensors"  # another one as ComfyUI's scaled fp8: Wan 2.2's second expert
+WAN_I2V = "cxd_wan_i2v.safetensors"     # tiny Wan 2.2 I2V A14B-shaped (36 input channels, no CLIP vision)
+WAN_VAE = "cxd_wan21_vae.safetensors"   # the Wan 2.1 VAE at its real widths (ComfyUI's loader fixes them), random
 
 
 # --- where things are -------------------------------------------------------------------------------------
@@ -152,7 +154,8 @@ def write_models(base: str, flux: bool = True) -> dict:
     - CLIP-L (text_encoders), a 16-channel VAE with the real widths (vae: ComfyUI's VAE loader assumes a
       128-channel first level), kohya LoRAs for both transformers (loras);
     - Wan: two tiny Wan 2.1 T2V transformers in the original layout (ComfyUI's repackaged files), the second
-      as ComfyUI's scaled fp8, the two experts of a Wan 2.2-style chain."""
+      as ComfyUI's scaled fp8, the two experts of a Wan 2.2-style chain; a Wan 2.2 I2V-shaped one (36 input
+      channels); the Wan 2.1 VAE at its real widths."""
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -200,10 +203,17 @@ def write_models(base: str, flux: bool = True) -> dict:
     from comfy_xdit.models.wan import WAN
     from comfy_xdit.models.wan.checkpoint import write_wan_checkpoint
 
-    for name, seed, scaled in ((WAN_HIGH, 0, False), (WAN_LOW, 1, True)):
-        wan = WAN.random(dict(WAN.preset_config("tiny-wan-t2v"), text_dim=4096), seed=seed)
+    for name, seed, scaled, extra in ((WAN_HIGH, 0, False, {}), (WAN_LOW, 1, True, {}),
+                                      (WAN_I2V, 2, False, dict(in_channels=36))):
+        wan = WAN.random(dict(WAN.preset_config("tiny-wan-t2v"), text_dim=4096, **extra), seed=seed)
         write_wan_checkpoint(wan, os.path.join(models, "diffusion_models", name), layout="wan", scaled_fp8=scaled)
     del wan
+    from diffusers import AutoencoderKLWan
+
+    from comfy_xdit.vae.wan import write_wan_vae_checkpoint
+
+    torch.manual_seed(0)
+    write_wan_vae_checkpoint(AutoencoderKLWan().eval(), os.path.join(models, "vae", WAN_VAE), layout="wan")
 
     save_file(_clip_l_state_dict(seed=0), os.path.join(models, "text_encoders", CLIP_L))
     torch.manual_seed(0)
@@ -216,7 +226,8 @@ def write_models(base: str, flux: bool = True) -> dict:
     rgb = torch.stack([x, y, 0.5 + 0.5 * torch.sin(30 * ((x - 0.5) ** 2 + (y - 0.5) ** 2))], dim=-1)
     Image.fromarray((rgb * 255).round().byte().numpy()).save(os.path.join(base, "input", IMAGE))
     return dict(sd3=SD3, flux=FLUX if flux else None, clip_l=CLIP_L, vae=VAE, sd3_lora=SD3_LORA,
-                flux_lora=FLUX_LORA if flux else None, image=IMAGE, wan_high=WAN_HIGH, wan_low=WAN_LOW)
+                flux_lora=FLUX_LORA if flux else None, image=IMAGE, wan_high=WAN_HIGH, wan_low=WAN_LOW,
+                wan_i2v=WAN_I2V, wan_vae=WAN_VAE)
 
 
 # --- workflows --------------------------------------------------------------------------------------------
@@ -511,6 +522,11 @@ class ComfyServer:
 
     def queue(self) -> dict:
         return self.get("/queue")
+
+    def outputs(self, entry: dict, node_id: str, kind: str = "images") -> list[str]:
+        """Paths of the files node `node_id` saved in this history entry (kind: its output key)."""
+        items = entry.get("outputs", {}).get(node_id, {}).get(kind, [])
+        return [os.path.join(self.base, i.get("type", "output"), i.get("subfolder", ""), i["filename"]) for i in items]
 
     def latent(self, entry: dict, node_id: str):
         """The LATENT a SaveLatent node `node_id` wrote in this history entry, as a float32 tensor."""
