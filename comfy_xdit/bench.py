@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-cap-gb", type=float, default=None, help="GB each worker may allocate")
     p.add_argument("--resident-gb", type=float, default=0.0, help="GB this process holds on GPU 0 meanwhile")
     p.add_argument("--vae", action="store_true", help="time the patch-parallel VAE decode instead")
+    p.add_argument("--vae-kind", default="flux", choices=["flux", "wan21"],
+                   help="--vae: the Flux VAE (images) or the Wan 2.1 VAE (video: --frames)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA GPU is visible (use --device cpu with --preset tiny for a smoke run)")
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     resolutions = [parse_size(x) for x in args.px.split(",")]
     args.weight_dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.vae:
-        return bench_vae(args, [w for w, _ in resolutions])
+        return bench_vae(args, resolutions)
     family = family_for_preset(args.preset)
     config = family.preset_config(args.preset)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -268,24 +270,33 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def bench_vae(args, resolutions: list[int]) -> int:
-    """Decode time and peak memory per GPU of a full-size Flux VAE through the pool, per GPU count and size."""
+def bench_vae(args, resolutions: list[tuple[int, int]]) -> int:
+    """Decode time and peak memory per GPU of a full-size Flux VAE (or Wan 2.1 VAE, video) through the pool, per
+    GPU count and size."""
     import tempfile
 
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderKLWan
 
     from .vae.loader import write_vae_checkpoint
+    from .vae.wan import write_wan_vae_checkpoint
 
     dtype = args.weight_dtype
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_vae_checkpoint(AutoencoderKL(**FLUX_VAE).eval(), f"{tmp}/ae.safetensors")
+        if args.vae_kind == "wan21":
+            path = write_wan_vae_checkpoint(AutoencoderKLWan().eval(), f"{tmp}/wan_2.1_vae.safetensors")
+        else:
+            path = write_vae_checkpoint(AutoencoderKL(**FLUX_VAE).eval(), f"{tmp}/ae.safetensors")
         for gpus in [int(x) for x in args.gpus.split(",")]:
             pool = WorkerPool(_pool_options(args, gpus))
             try:
                 key = pool.request("load_model", dict(kind="vae", path=path, dtype=dtype))[0]["model_key"]
-                for px in resolutions:
-                    latent = torch.randn(1, 16, px // 8, px // 8, generator=torch.Generator().manual_seed(0))
+                for size in resolutions:
+                    w, h = size
+                    frames = 1 + (max(args.frames, 1) - 1) // 4
+                    shape = (1, 16, frames, h // 8, w // 8) if args.vae_kind == "wan21" else (1, 16, h // 8, w // 8)
+                    latent = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+                    px = size_label(size, args.frames if args.vae_kind == "wan21" else 0) if w != h else w
                     row = dict(gpus=gpus, px=px, dtype=dtype)
                     try:
                         pool.request("decode", {"vae_key": key}, {"samples": latent[..., :64, :64]})  # warm-up
@@ -302,12 +313,12 @@ def bench_vae(args, resolutions: list[int]) -> int:
                     print(json.dumps(row), flush=True)
             finally:
                 pool.shutdown()
-    print(f"\n{'GPUs':>4} {'px':>5} {'seconds':>8} {'decode':>8}  peak GiB/GPU")
+    print(f"\n{'GPUs':>4} {'px':>12} {'seconds':>8} {'decode':>8}  peak GiB/GPU")
     for r in rows:
         if "refused" in r:
-            print(f"{r['gpus']:>4} {r['px']:>5} refused: {r['refused']}")
+            print(f"{r['gpus']:>4} {r['px']:>12} refused: {r['refused']}")
         else:
-            print(f"{r['gpus']:>4} {r['px']:>5} {r['seconds']:>8.3f} {r['decode_s']:>8.3f}  {r['peak_gib']}")
+            print(f"{r['gpus']:>4} {r['px']:>12} {r['seconds']:>8.3f} {r['decode_s']:>8.3f}  {r['peak_gib']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(rows=rows), f, indent=1)
