@@ -56,18 +56,16 @@ class DiTModel:
         self.control = None
         self._shard = None
         self._usp = None
-        if mesh is not None and mesh.sp_degree > 1:
-            mesh.config.validate(num_heads=family.num_heads(self.config))
-            kernel = get_kernel(attention_kernel or default_kernel_name(mesh.device, self.dtype))
-            self._usp = USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel)
-            self._whole = lambda q, k, v, replicated_text_len=0: kernel(q, k, v, need_lse=False)[0]
-            self._shard = ShardState(self._usp, cross=self._usp.cross)
-            install_processors(family, family.blocks.blocks(transformer), self._shard)
-        elif family.own_processors:  # one rank: the family's processor with the local kernel
-            kernel = get_kernel(attention_kernel or default_kernel_name(self.device, self.dtype))
+        sharded = mesh is not None and mesh.sp_degree > 1
+        if sharded or family.own_processors:  # on one rank too for a family with its own processor (local kernel)
+            device = mesh.device if mesh is not None else self.device
+            kernel = get_kernel(attention_kernel or default_kernel_name(device, self.dtype))
             self._whole = lambda q, k, v, replicated_text_len=0: kernel(q, k, v, need_lse=False)[0]
             self._shard = ShardState(self._whole, cross=self._whole)
-            self._usp = None
+            if sharded:
+                mesh.config.validate(num_heads=family.num_heads(self.config))
+                self._usp = USPAttention(mesh.group("ulysses"), mesh.group("ring"), kernel)
+                self._shard = ShardState(self._usp, cross=self._usp.cross)
             install_processors(family, family.blocks.blocks(transformer), self._shard)
 
     @classmethod

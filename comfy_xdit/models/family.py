@@ -54,7 +54,8 @@ class Family:
     presets: dict = {}             # random-weight configs by name (tests, demo, benchmarks)
     guided = False                 # usually sampled with cfg > 1 (a negative prompt): "auto" picks CFG parallel
     # self + cross attention (Wan, PixArt, HunyuanDiT): the text is replicated on every rank and never joins the
-    # sharded sequence; RoPE rows then index the image tokens alone
+    # sharded sequence; RoPE rows then index the image tokens alone. Such a family brings its own processor
+    # (own_processors), which reaches the text through ShardState.cross.
     cross_attention = False
     own_processors = False         # the family's attention processor runs even on one rank (not only under USP)
     video = False                  # 5-D latents [B, C, t, h, w]

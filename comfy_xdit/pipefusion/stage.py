@@ -50,14 +50,15 @@ class DiTStage:
         self.blocks = layout.blocks(self.transformer)[start:stop]
         layout.keep_stage(self.transformer, start, stop)  # no-op on a stage-only load
         usp = model._shard.attention if model._shard is not None else None
-        # cross-attention (text K/V are whole on every rank and never stale): USP's cross path, or local
+        # cross-attention (text K/V are whole on every rank and never stale): the model's own (USP's cross path, or
+        # the local kernel for a family whose processor runs on one rank too)
         cross = model._shard.cross if model._shard is not None else None
         self.states = []
         layer = 0
         for block in self.blocks:
             for module, image_only in self.family.attention_modules(block):
                 stale_kv = StaleKVAttention(self.window, layer, attend=usp, image_only=image_only)
-                state = ShardState(stale_kv, cross=cross or _local_cross)
+                state = ShardState(stale_kv, cross=cross)
                 self.states.append(state)
                 module.set_processor(self.family.processor(state, image_only=image_only))
                 layer += 1
@@ -125,11 +126,6 @@ class DiTStage:
         rows, cols = self.family.token_grid(self.latent_shape)
         p = self.family.patch_size
         return torch.empty(self.batch, rows * cols, self.latent_shape[1] * p * p, dtype=self.dtype, device=self.device)
-
-
-def _local_cross(q, k, v, **_unused):
-    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                            v.transpose(1, 2)).transpose(1, 2)
 
 
 class _ForwardThrough:
