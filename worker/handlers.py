@@ -231,7 +231,7 @@ class WorkerState:
         _require(args.get("vae_key") in self.vaes, f"VAE {args.get('vae_key')!r} is not loaded")
         info = self.vaes[args["vae_key"]][1]
         # video VAEs decode [B, C, frames, h, w]; IMAGEs are [B (frames), H, W, C] either way
-        ndim = 2 + getattr(info, "latent_dims", 2) if kind == "decode" else 4
+        ndim = 2 + info.latent_dims if kind == "decode" else 4
         name = "samples" if kind == "decode" else "images"
         _require(name in tensors and tensors[name].dim() == ndim, f"{kind} needs a {ndim}-d '{name}' tensor")
 
@@ -389,10 +389,7 @@ class WorkerState:
             torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode():
             if kind == "decode":
-                samples = tensors["samples"].to(self.device)
-                ndim = 2 + info.latent_dims
-                _require(samples.dim() == ndim, f"this VAE takes {ndim}-d latents "
-                         f"{'[B, C, T, h, w]' if info.is_video else '[B, C, h, w]'}, got {tuple(samples.shape)}")
+                samples = tensors["samples"].to(self.device)  # its rank: checked in _check_vae
                 _require(samples.shape[1] == info.latent_channels,
                          f"this VAE takes {info.latent_channels}-channel latents, got {samples.shape[1]}")
                 if self.device.type == "cuda":  # the smallest free memory of any rank, so all ranks agree
