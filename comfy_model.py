@@ -89,6 +89,10 @@ class PoolDiffusionModel(torch.nn.Module):
                              "transformer_options); the xDiT workers cannot run ComfyUI-side patches")
         inputs = {"context": context, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        for name, value in list(inputs.items()):  # a list input (Qwen-Image-Edit's ref_latents): one per tensor
+            if isinstance(value, (list, tuple)):
+                del inputs[name]
+                inputs.update({f"{name}.{i}": v for i, v in enumerate(value)})
         rows = x.shape[0]
         for name, value in inputs.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:

@@ -56,6 +56,26 @@ def join_chunks(chunks: list[dict]) -> dict:
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in sorted(names)}
 
 
+def comfy_name(names: dict, sent: str) -> str:
+    """A ComfyUI model input's name as the family's conditioning names it; a list input's items (name.<i>) keep
+    their index."""
+    base, dot, index = sent.partition(".")
+    return names[base] + dot + index
+
+
+def indexed_lists(cond: dict) -> dict:
+    """name.<i> entries (a ComfyUI list input, e.g. Qwen-Image-Edit's ref_latents) back into a list under name."""
+    out, lists = {}, {}
+    for k, v in cond.items():
+        base, dot, index = k.partition(".")
+        if dot and index.isdigit():
+            lists.setdefault(base, {})[int(index)] = v
+        else:
+            out[k] = v
+    out.update({base: [items[i] for i in sorted(items)] for base, items in lists.items()})
+    return out
+
+
 def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """x [N, C, h, w] (or video [N, C, t, h, w]) padded at the bottom and right to whole patches, circularly, as ComfyUI's DiTs pad a latent
     whose size is not a multiple of the patch (comfy.ldm.common_dit.pad_to_patch_size); the caller crops the
@@ -83,7 +103,8 @@ def forward_rows(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tor
     rows = x.shape[0]
     bounds = share_rows(rows, cfg * dp)
     start, stop = bounds[mesh.rank("dp") * cfg + mesh.rank("cfg")]
-    mine = model.forward(x[start:stop], sigma[start:stop], {k: v[start:stop] for k, v in cond.items()})
+    rows_of = lambda v: [t[start:stop] for t in v] if isinstance(v, list) else v[start:stop]  # noqa: E731
+    mine = model.forward(x[start:stop], sigma[start:stop], {k: rows_of(v) for k, v in cond.items()})
     most = max(stop - start for start, stop in bounds)
     if mine.shape[0] < most:  # all_gather needs one size: pad, and drop the padding below
         mine = torch.cat([mine, mine.new_zeros(most - mine.shape[0], *mine.shape[1:])])

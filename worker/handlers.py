@@ -25,7 +25,7 @@ from comfy_xdit.imageops import fit_image
 from comfy_xdit.pipefusion import PipeFusionOptions
 from comfy_xdit.pipefusion.stage import PipeFusionModel
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
-from comfy_xdit.stepwise import CondCache, forward_rows, join_chunks, pad_to_patches
+from comfy_xdit.stepwise import CondCache, comfy_name, forward_rows, indexed_lists, join_chunks, pad_to_patches
 from comfy_xdit.vae import loader as vae_loader
 from comfy_xdit.vae.parallel import check_decode_fits, parallel_decode, parallel_encode
 
@@ -220,7 +220,7 @@ class WorkerState:
             sent = [name.split(".", 1)[1] for name in tensors if name.startswith(f"chunk{i}.")]
             if not sent and key not in self.conds:
                 raise RequestError(f"conditioning {key!r} is not cached", kind="cond_missing")
-            unknown = sorted(set(sent) - set(known))
+            unknown = sorted({n.split(".")[0] for n in sent} - set(known))  # list inputs arrive as name.<i>
             _require(not unknown, f"{model.family.label} on the pool takes ComfyUI inputs "
                                   f"{', '.join(sorted(known))}; it cannot use {', '.join(unknown)}")
             for name in sent:
@@ -510,14 +510,15 @@ class WorkerState:
         names = model.family.comfy_inputs
         chunks = []
         for i, (key, _rows) in enumerate(args["chunks"]):
-            sent = {names[n.split(".", 1)[1]]: t for n, t in tensors.items() if n.startswith(f"chunk{i}.")}
+            sent = {comfy_name(names, n.split(".", 1)[1]): t for n, t in tensors.items()
+                    if n.startswith(f"chunk{i}.")}
             if sent:
                 self.conds.put(key, {n: t.to(model.device, model.dtype if t.is_floating_point() else t.dtype)
                                      for n, t in sent.items()})
             chunks.append(self.conds.get(key))
         x, (h, w) = pad_to_patches(tensors["x"], model.family.patch_size), tensors["x"].shape[-2:]
         try:
-            cond = join_chunks(chunks)
+            cond = indexed_lists(join_chunks(chunks))
             model.family.check_latent(model.config, tuple(x.shape))  # any token count: see DiTModel.forward
             model.check_conditioning(cond)
         except ValueError as e:
@@ -532,6 +533,12 @@ class WorkerState:
         model = self.models[args["model_key"]]
         model.shift = None if args.get("shift") is None else float(args["shift"])  # a ModelSampling* override
         positive, negative = conditioning(tensors, "positive"), conditioning(tensors, "negative") or None
+        if model.latent_format.dims == 3 and tensors["latent"].dim() == 4:
+            # an image latent for a model of 5-D latents (Qwen-Image, Wan): the frame axis added, as ComfyUI's
+            # fix_empty_latent_channels does; the result stays 5-D, as KSampler's
+            tensors["latent"] = tensors["latent"].unsqueeze(2)
+            if tensors.get("noise_mask") is not None and tensors["noise_mask"].dim() == 4:
+                tensors["noise_mask"] = tensors["noise_mask"].unsqueeze(2)
         try:
             model.check_latent(tuple(tensors["latent"].shape))
             for cond in (positive, negative):

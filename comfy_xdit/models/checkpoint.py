@@ -83,6 +83,29 @@ def scaled_fp8_keys(keys) -> tuple[list, dict]:
     return model, scales
 
 
+def scaled_fp8_state_dict(model: torch.nn.Module, dtype=None) -> dict:
+    """The model's state dict as ComfyUI's scaled-fp8 files hold it: every Linear weight as float8_e4m3fn
+    (weight / its absmax-derived scale) with a ``<module>.scale_weight`` beside it, the Linear biases plain fp8
+    (ComfyUI's scaled-fp8 ops hold them in fp8 too), everything else in ``dtype`` (None: as is), and the
+    ``scaled_fp8`` marker. Keys are the model's own (a family writer renames them)."""
+    from .fp8 import FP8
+
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if k in linear:
+            scale = (v.float().abs().max() / torch.finfo(FP8).max).clamp(min=1e-12)
+            out[k] = (v.float() / scale).to(FP8)
+            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+        elif k.endswith(".bias") and k[:-len("bias")] + "weight" in linear:
+            out[k] = v.to(FP8)
+        else:
+            out[k] = v.to(dtype or v.dtype)
+    out[SCALED_FP8] = torch.empty(0, dtype=FP8)
+    return out
+
+
 def read_tensors(path, keys, dtype=None, device=None, progress=None, expected: str = "a diffusion model checkpoint",
                  scales: dict | None = None):
     """Tensors by key; dtype is one dtype for all or a dict key -> dtype (None: kept as stored).

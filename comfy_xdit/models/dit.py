@@ -186,7 +186,7 @@ class DiTModel:
         cond = self.family.prepare_conditioning(self.config, dict(cond), latent_shape)
         b = latent_shape[0]
         device, dtype = self.device, self.dtype
-        cond = {k: batch_rows(v, b).to(device, dtype if v.is_floating_point() else v.dtype) for k, v in cond.items()}
+        cond = {k: _to_rows(v, b, device, dtype) for k, v in cond.items()}
         sampling = self.model_sampling(latent_shape)
 
         @torch.inference_mode()
@@ -196,6 +196,16 @@ class DiTModel:
             return sampling.calculate_denoised(sigma, v, x)
 
         return denoise
+
+
+def _to_rows(v, b: int, device, dtype):
+    """A conditioning value on the model's device: a tensor with b rows (floats in the compute dtype), a list of
+    tensors (Qwen-Image-Edit's reference latents: their own batch, fp32), anything else (a method name) as is."""
+    if isinstance(v, torch.Tensor):
+        return batch_rows(v, b).to(device, dtype if v.is_floating_point() else v.dtype)
+    if isinstance(v, list):
+        return [t.to(device) for t in v]
+    return v
 
 
 def batch_rows(t: torch.Tensor, b: int) -> torch.Tensor:

@@ -59,6 +59,9 @@ class Family:
     cross_attention = False
     own_processors = False         # the family's attention processor runs even on one rank (not only under USP)
     video = False                  # 5-D latents [B, C, t, h, w]
+    # conditioning names that add image tokens beyond the latent's grid (Qwen-Image-Edit's reference latents):
+    # sequence parallelism shards them with the image tokens; PipeFusion's row patches cannot hold them
+    extra_tokens: tuple = ()
 
     # --- checkpoints ---------------------------------------------------------------------------
     def detect(self, keys) -> str | None:

@@ -40,8 +40,8 @@ class JointAttnProcessor:
         self.image_only = image_only
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **_unused):
-        if attention_mask is not None:
+                 encoder_hidden_states_mask=None, **_unused):
+        if attention_mask is not None or encoder_hidden_states_mask is not None:
             raise NotImplementedError("attention masks are not supported under sequence parallelism")
         q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:

@@ -196,6 +196,11 @@ class PipeFusionModel:
 
     def check_conditioning(self, cond: dict) -> None:
         self.model.check_conditioning(cond)
+        extra = [n for n in self.model.family.extra_tokens if any(k == n or k.startswith(n + ".") for k in cond)]
+        if extra:
+            raise ValueError(f"PipeFusion cannot run {self.model.family.label} with {', '.join(extra)} (their tokens "
+                             "lie outside the image's row patches): load the model with another strategy "
+                             "(ulysses, ring, cfg_parallel) for this workflow")
         self.check_text(cond["context"].shape[1])
 
     def denoiser(self, cond: dict, latent_shape: tuple[int, ...]):

@@ -20,8 +20,8 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 
 from ..blocks import BlockLayout
 from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,
-                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, scaled_fp8_keys,
-                          stored_dtypes, with_path)
+                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, SCALED_FP8,
+                          scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes, with_path)
 from ..fp8 import FP8
 
 # the time and text embedders stay on every PipeFusion stage: each block takes the timestep projection and
@@ -231,34 +231,23 @@ def real_rope(model, device):
 
 def write_wan_checkpoint(model, path, layout: str = "wan", dtype=None, scaled_fp8: bool = False):
     """Save ``model`` as one file: 'wan' (original keys, as ComfyUI's repackaged files), 'comfy' (those under
-    model.diffusion_model.) or 'diffusers'. scaled_fp8: every Linear weight as ComfyUI's scaled fp8
-    (float8_e4m3fn weight / its absmax-derived scale, a ``scale_weight`` per Linear and the marker tensor), the
-    biases plain fp8."""
+    model.diffusion_model.) or 'diffusers'. scaled_fp8: as ComfyUI's scaled-fp8 files (scaled_fp8_state_dict)."""
     from safetensors.torch import save_file
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    # every Linear, as ComfyUI's scaled files hold them (its scaled-fp8 ops store every Linear weight in fp8)
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    out = {}
-    for k, v in sd.items():
-        if scaled_fp8 and k in linear:
-            scale = (v.float().abs().max() / torch.finfo(FP8).max).clamp(min=1e-12)
-            out[k] = (v.float() / scale).to(FP8)
-            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
-        elif scaled_fp8 and k.endswith(".bias") and k[:-len("bias")] + "weight" in linear:
-            out[k] = v.to(FP8)  # ComfyUI's scaled-fp8 ops hold Linear biases in fp8 (unscaled) too
-        else:
-            out[k] = v.to(dtype or v.dtype)
+    if scaled_fp8:
+        out = scaled_fp8_state_dict(model, dtype)
+        marker = {SCALED_FP8: out.pop(SCALED_FP8)}
+    else:
+        out, marker = {k: v.detach().to(dtype or v.dtype) for k, v in model.state_dict().items()}, {}
     if layout != "diffusers":
         renamed = original_from_diffusers({k: v for k, v in out.items() if not k.endswith(".scale_weight")})
         scale_names = original_from_diffusers({k[:-len("scale_weight")] + "weight": v for k, v in out.items()
                                                if k.endswith(".scale_weight")})
         renamed.update({k[:-len("weight")] + "scale_weight": v for k, v in scale_names.items()})
         out = renamed
-    if scaled_fp8:
-        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+    out.update(marker)
     prefix = COMFY_PREFIX if layout == "comfy" else ""
     save_file({prefix + k: v.contiguous().clone() for k, v in out.items()}, os.fspath(path))
     return path
