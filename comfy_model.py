@@ -147,11 +147,27 @@ def make_model(engine: Engine, handle: ModelHandle) -> PoolModelPatcher:
     if in_dim is not None:  # Wan: BaseModel.concat_cond reads the input channels off patch_embedding's weight
         base.diffusion_model.patch_embedding = types.SimpleNamespace(
             weight=torch.empty(1, in_dim, 1, 1, 1, device="meta"))
+    shift_sampling = None
     if handle.shift is not None:  # a ModelSampling (xDiT) node before the conversion
-        sampling = base.model_sampling
-        kept = {k: getattr(sampling, k) for k in ("multiplier",) if hasattr(sampling, k)}
-        sampling.set_parameters(shift=handle.shift, **kept)
+        from .comfy_xdit.models.family import detect_family
+
+        multiplier = detect_family(handle.path)[0].shift_multiplier
+        if multiplier is None:  # the model's own sampling at another shift (ModelSamplingSD3 / ModelSamplingFlux)
+            sampling = base.model_sampling
+            kept = {k: getattr(sampling, k) for k in ("multiplier",) if hasattr(sampling, k)}
+            sampling.set_parameters(shift=handle.shift, **kept)
+        else:  # discrete flow at the family's multiplier, as ComfyUI's ModelSamplingAuraFlow patches Qwen-Image
+            import comfy.model_sampling
+
+            class DiscreteFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+                pass
+
+            shift_sampling = DiscreteFlow(config)
+            shift_sampling.set_parameters(shift=handle.shift, multiplier=multiplier)
     base.memory_required = lambda input_shape, cond_shapes={}: 4 * 4 * int(torch.Size(input_shape).numel())
     base.extra_conds = _no_pack_controlnets(base.extra_conds)
-    return PoolModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
-                            offload_device=comfy.model_management.unet_offload_device())
+    patcher = PoolModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                               offload_device=comfy.model_management.unet_offload_device())
+    if shift_sampling is not None:
+        patcher.add_object_patch("model_sampling", shift_sampling)
+    return patcher

@@ -62,6 +62,10 @@ class Family:
     # conditioning names that add image tokens beyond the latent's grid (Qwen-Image-Edit's reference latents):
     # sequence parallelism shards them with the image tokens; PipeFusion's row patches cannot hold them
     extra_tokens: tuple = ()
+    # a ModelSampling (xDiT) shift: None changes the shift of the family's own model sampling (ModelSamplingSD3 /
+    # ModelSamplingFlux); a number switches to discrete flow at that multiplier (Qwen-Image: ComfyUI's
+    # ModelSamplingAuraFlow, 1.0), on both the Sampler (xDiT) and the MODEL path
+    shift_multiplier: float | None = None
 
     # --- checkpoints ---------------------------------------------------------------------------
     def detect(self, keys) -> str | None:

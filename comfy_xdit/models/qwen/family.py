@@ -92,6 +92,7 @@ class QwenImageFamily(Family):
     guided = True          # Qwen-Image runs at cfg 2.5-4 with a negative prompt
     own_processors = True  # ComfyUI's RoPE ids (not diffusers' QwenEmbedRope) reach attention through ours
     extra_tokens = ("ref_latents",)  # Edit: conditioning that adds tokens beyond the latent's grid
+    shift_multiplier = AURAFLOW_MULTIPLIER  # a shift node means ModelSamplingAuraFlow's discrete flow
 
     def __init__(self):
         self._rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])
@@ -118,7 +119,7 @@ class QwenImageFamily(Family):
         workflows use: discrete flow, multiplier 1.0) sets one."""
         if shift is None:
             return FluxModelSampling(QWEN_SHIFT)
-        return DiscreteFlowModelSampling(shift, multiplier=AURAFLOW_MULTIPLIER)
+        return DiscreteFlowModelSampling(shift, multiplier=self.shift_multiplier)
 
     def check_latent(self, config, latent_shape):
         if len(latent_shape) == 5 and latent_shape[2] != 1:
