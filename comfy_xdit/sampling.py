@@ -91,6 +91,10 @@ class ConstPrediction:
     """ComfyUI's CONST prediction (flow matching): x_t = sigma * noise + (1 - sigma) * x0, the model predicts
     the velocity noise - x0. `sigma` may be a number, a one-value tensor or one value per batch item."""
 
+    def calculate_input(self, sigma, x: torch.Tensor) -> torch.Tensor:
+        """What the model is given for x at sigma: x itself for flow models."""
+        return x
+
     def calculate_denoised(self, sigma, model_output: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
         sigma = _reshape_sigma(sigma, model_output.ndim)
         return model_input - model_output * sigma
@@ -177,6 +181,97 @@ class DiscreteFlowModelSampling(_TableSampling):
         if percent >= 1.0:
             return 0.0
         return time_snr_shift(self.shift, 1.0 - percent)
+
+
+def beta_schedule(schedule: str, timesteps: int, linear_start: float, linear_end: float) -> torch.Tensor:
+    """The betas of ComfyUI's make_beta_schedule in float64 ("linear": squares of a linear ramp of square roots,
+    "sqrt_linear": a linear ramp, "sqrt": its square roots)."""
+    if schedule == "linear":
+        return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
+    if schedule == "sqrt":
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64) ** 0.5
+    raise ValueError(f"beta schedule {schedule!r} unknown; choose linear, sqrt_linear or sqrt")
+
+
+class DiscreteModelSampling:
+    """ComfyUI's ModelSamplingDiscrete with EPS or V_PREDICTION (the DDPM-trained DiTs: PixArt eps, HunyuanDiT v):
+    sigmas from a beta schedule, timestep(sigma) the nearest table index in log sigma, sigma(t) interpolated in
+    log sigma; the model sees x / sqrt(sigma^2 + 1) and predicts the noise (eps) or v. sigma_data is 1."""
+
+    def __init__(self, schedule: str = "linear", linear_start: float = 0.00085, linear_end: float = 0.012,
+                 timesteps: int = 1000, prediction: str = "eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.schedule, self.prediction = schedule, prediction
+        self.linear_start, self.linear_end = linear_start, linear_end
+        alphas_cumprod = torch.cumprod(1.0 - beta_schedule(schedule, timesteps, linear_start, linear_end), dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
+
+    def __repr__(self) -> str:
+        return (f"DiscreteModelSampling({self.schedule!r}, {self.linear_start}, {self.linear_end}, "
+                f"prediction={self.prediction!r})")
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        dists = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def sigma(self, timestep):
+        timestep = torch.as_tensor(timestep)
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=(len(self.sigmas) - 1))
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return log_sigma.exp().to(timestep.device)
+
+    def input_sigma(self, timestep):
+        """The sigma of a model call at ComfyUI's `timestep` (a table index, as timestep() gives it)."""
+        return self.sigma(timestep)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
+    def calculate_input(self, sigma, x: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x.ndim)
+        return x / (sigma ** 2 + 1.0) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, model_output.ndim)
+        if self.prediction == "eps":
+            return model_input - model_output * sigma
+        return model_input / (sigma ** 2 + 1.0) - model_output * sigma / (sigma ** 2 + 1.0) ** 0.5
+
+    def noise_scaling(self, sigma, noise: torch.Tensor, latent_image: torch.Tensor,
+                      max_denoise: bool = False) -> torch.Tensor:
+        """KSampler's start: noise * sqrt(1 + sigma^2) from pure noise (max_denoise), else noise * sigma, plus
+        the latent."""
+        sigma = _reshape_sigma(torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device), noise.ndim)
+        scaled = noise * torch.sqrt(1.0 + sigma ** 2.0) if max_denoise else noise * sigma
+        return scaled + latent_image
+
+    def inverse_noise_scaling(self, sigma, latent: torch.Tensor) -> torch.Tensor:
+        return latent
+
+
+def max_denoise(model_sampling, sigmas: torch.Tensor) -> bool:
+    """KSAMPLER.max_denoise: the run starts at (or above) the table's largest sigma."""
+    top, first = float(model_sampling.sigma_max), float(sigmas[0])
+    return math.isclose(top, first, rel_tol=1e-05) or first > top
 
 
 def _check_steps(steps: int) -> None:
@@ -295,11 +390,31 @@ def beta_sigmas(steps: int, model_sampling, alpha: float = 0.6, beta: float = 0.
     return torch.tensor(sigmas + [0.0], dtype=torch.float32)
 
 
+def karras_sigmas(steps: int, model_sampling, rho: float = 7.0) -> torch.Tensor:
+    """ComfyUI's "karras" scheduler (k-diffusion's get_sigmas_karras between the table's ends), then 0."""
+    _check_steps(steps)
+    lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    ramp = torch.linspace(0, 1, steps)
+    min_inv_rho, max_inv_rho = lo ** (1 / rho), hi ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def exponential_sigmas(steps: int, model_sampling) -> torch.Tensor:
+    """ComfyUI's "exponential" scheduler (uniform in log sigma between the table's ends), then 0."""
+    _check_steps(steps)
+    lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    sigmas = torch.linspace(math.log(hi), math.log(lo), steps).exp()
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
 _SCHEDULER_FNS = {
     "simple": simple_sigmas,
     "normal": normal_sigmas,
     "sgm_uniform": sgm_uniform_sigmas,
     "beta": beta_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
 }
 SCHEDULERS = tuple(_SCHEDULER_FNS)
 
@@ -566,7 +681,10 @@ def sample(model, positive: Mapping[str, torch.Tensor], latent: torch.Tensor, se
         noise, latent_model = noise[start:stop], latent_model[start:stop]
         mask = mask[start:stop] if mask is not None else None
     chunk = (noise.shape[0], *shape[1:])
-    x = model_sampling.noise_scaling(sigmas[0], noise, latent_model)
+    if isinstance(model_sampling, DiscreteModelSampling):  # KSampler's rule for EPS / V models
+        x = model_sampling.noise_scaling(sigmas[0], noise, latent_model, max_denoise(model_sampling, sigmas))
+    else:
+        x = model_sampling.noise_scaling(sigmas[0], noise, latent_model)
     if chunk[0] == 0:
         def denoise_fn(x, sigma):  # more dp groups than items: keep step with the others, run nothing
             return x

@@ -192,7 +192,8 @@ class DiTModel:
         @torch.inference_mode()
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             timestep = torch.full((b,), sigma, device=device, dtype=torch.float32)
-            v = self.forward(x.to(device, dtype), timestep, cond).float().to(x.device)
+            xc = sampling.calculate_input(sigma, x)  # x itself for flow models; x / sqrt(sigma^2 + 1) for eps / v
+            v = self.forward(xc.to(device, dtype), timestep, cond).float().to(x.device)
             return sampling.calculate_denoised(sigma, v, x)
 
         return denoise

@@ -65,11 +65,11 @@ def test_euler_integrates_a_linear_flow_exactly():
 
 
 def test_scheduler_and_sampler_names():
-    assert SCHEDULERS == ("simple", "normal", "sgm_uniform", "beta")
+    assert SCHEDULERS == ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential")
     assert SAMPLERS == ("euler", "dpmpp_2m")
     assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
     with pytest.raises(ValueError, match="simple, normal, sgm_uniform, beta"):
-        make_sigmas("karras", 4, flux(1.0))
+        make_sigmas("ddim_uniform", 4, flux(1.0))
     with pytest.raises(ValueError, match="euler, dpmpp_2m"):
         get_sampler("heun")
 
@@ -224,7 +224,7 @@ def test_denoise_zero_returns_the_input_and_unknown_names_raise():
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(_ToyFlux(), {}, latent, 3, 4, sampler_name="lms")
     with pytest.raises(ValueError, match="unknown scheduler"):
-        sample(_ToyFlux(), {}, latent, 3, 4, scheduler="karras")
+        sample(_ToyFlux(), {}, latent, 3, 4, scheduler="ddim_uniform")
 
 
 def test_discrete_flow_model_sampling_maps_timesteps_by_the_multiplier():
