@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from comfy_xdit.models.checkpoint import CheckpointError
 from comfy_xdit.models.family import detect_family, family_for_preset, known_families, read_info
 from tests.flux_tiny import tiny_checkpoint
+from tests.qwen_tiny import tiny_qwen_checkpoint
 from tests.sd3_tiny import tiny_sd3_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ CORE = ["comfy_xdit/config.py", "comfy_xdit/mesh.py", "comfy_xdit/memory.py", "c
         "comfy_xdit/models/family.py", "comfy_xdit/models/blocks.py", "comfy_xdit/models/checkpoint.py",
         "comfy_xdit/models/lora.py", "comfy_xdit/models/joint_attention.py", "worker", "nodes.py",
         "comfy_model.py", "comfy_xdit/stepwise.py"]
-FAMILY_WORD = re.compile(r"flux|sd3|sd35|mmdit", re.IGNORECASE)
+FAMILY_WORD = re.compile(r"flux|sd3|sd35|mmdit|qwen", re.IGNORECASE)
 COMFY_API = {"convert_diffusers_mmdit"}  # ComfyUI's own function names, called by the comfy-facing code
 
 
@@ -54,6 +55,10 @@ def test_registry_detects_each_family_from_keys_not_names(tmp_path):
     renamed = tmp_path / "flux_looking_name.safetensors"
     pathlib.Path(sd3).rename(renamed)
     assert detect_family(flux)[0].name == "flux"
+    qwen, _ = tiny_qwen_checkpoint(tmp_path)
+    pathlib.Path(qwen).rename(tmp_path / "flux1-dev.safetensors")
+    family, info = read_info(tmp_path / "flux1-dev.safetensors")
+    assert family.name == "qwen" and info.variant == "qwen-image"
     family, info = read_info(renamed)
     assert family.name == "sd3" and info.variant == "sd3.5-medium"
 
@@ -64,12 +69,14 @@ def test_unknown_file_lists_the_known_families(tmp_path):
     with pytest.raises(CheckpointError) as e:
         detect_family(path)
     msg = str(e.value)
-    assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg and "Known families: Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2" in msg
-    assert known_families() == "Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2"
+    assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg
+    assert "Known families: Flux.1, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2" in msg
+    assert known_families() == "Flux.1, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2"
 
 
 def test_presets_resolve_to_their_family():
     assert family_for_preset("flux-dev").name == "flux" and family_for_preset("sd3.5-large").name == "sd3"
+    assert family_for_preset("qwen-image").name == "qwen" and family_for_preset("tiny-qwen-image").name == "qwen"
     with pytest.raises(ValueError, match="unknown random preset 'sdxl'"):
         family_for_preset("sdxl")
 
