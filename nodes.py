@@ -139,11 +139,10 @@ def _conditioning(cond, name: str) -> Conditioning:
     # TextEncodeQwenImageEdit / ReferenceLatent (Qwen-Image-Edit): VAE-space latents, numbered in order
     for i, ref in enumerate(extra.get("reference_latents") or []):
         tensors[f"ref_latents.{i}"] = ref
+    # ComfyUI's Qwen-Image places references by frame index unless the method is anything else ("offset",
+    # FluxKontextMultiReferenceLatentMethod's "uxo/uno"), which places them side by side
     method = extra.get("reference_latents_method")
-    if method not in (None, "index", "offset"):
-        raise ValueError(f"{name} conditioning asks for reference_latents_method {method!r}; the xDiT Sampler "
-                         "supports 'index' and 'offset'")
-    if method == "offset" and "ref_latents.0" in tensors:
+    if method not in (None, "index") and "ref_latents.0" in tensors:
         tensors["ref_latents_offset"] = torch.ones(1)
     return Conditioning(tokens, extra.get("pooled_output"), extra.get("guidance"), list(extra.get(CONTROL_KEY, [])),
                         extra=tensors)

@@ -224,8 +224,10 @@ def detect_family(path) -> tuple[Family, str]:
         layout = family.detect(stripped)
         if layout is not None:
             return family, layout
+    hint = guess_content(stripped)
     raise CheckpointError(f"{path}: not a diffusion transformer this pack knows (found keys like "
-                          f"{key_sample(stripped)}); {guess_content(stripped)}. Known families: {known_families()}")
+                          f"{key_sample(stripped)}); {hint}{'' if hint.endswith('?') else '.'} Known families: "
+                          f"{known_families()}")
 
 
 def read_info(path):
