@@ -5,12 +5,15 @@
                                [--weight-dtype fp8_e4m3fn] [--memory-cap-gb 16 [--resident-gb 4.9]]
     python -m comfy_xdit.bench --vae --px 2048,4096,8192 --gpus 1,2
     python -m comfy_xdit.bench --preset wan2.1-t2v-14b --px 832x480 --frames 81 --cfg 5 --steps 40 --gpus 1,2
+    python -m comfy_xdit.bench --preset qwen-image --px 1328 --cfg 4 --steps 50 --text-tokens 128 --gpus 1,2
 
 Full-size random-weight models (shapes, not values, decide speed). For every GPU count,
 strategy, resolution and compile setting: one warm-up request, then one timed request of
 `steps` steps. Prints one table: seconds end to end, the workers' own denoise time, pool
-overhead (end to end minus denoise), speedup over a 1-GPU diffusers FluxPipeline run in the
-same call (--baseline), TFLOP/s per GPU from the shapes, and peak memory per GPU.
+overhead (end to end minus denoise), speedup over a 1-GPU run of the family's diffusers pipeline
+(FluxPipeline, StableDiffusion3Pipeline, WanPipeline, QwenImagePipeline; latent out, no text encoder or VAE)
+in the same call (--baseline), TFLOP/s per GPU from the shapes, and peak memory per GPU. A sampling request
+that runs out of memory is reported as a row too (refused, or failed where a worker died).
 
 --memory-cap-gb caps what each worker may allocate (emulating smaller cards on a large one);
 --resident-gb makes this process hold that much on GPU 0 for the whole run, the way ComfyUI
@@ -22,6 +25,7 @@ full-size Flux VAE (random weights, written to a temporary file) instead.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -29,7 +33,7 @@ import time
 import torch
 
 from .models.family import all_presets, family_for_preset
-from .pool.controller import PoolOptions, RequestFailed, WorkerPool
+from .pool.controller import PoolDied, PoolOptions, RequestFailed, WorkerPool
 from .pool.protocol import MEMORY_CAP_ENV
 
 STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ring_degree": n},
@@ -39,9 +43,11 @@ STRATEGIES = {"ulysses": lambda n: {"ulysses_degree": n}, "ring": lambda n: {"ri
 
 
 def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
-    """Matmul + attention FLOPs of one forward, counted from the shapes: MM-DiTs (Flux: double + single blocks;
-    SD3: joint blocks, plus SD3.5 Medium's image-only attn2) and Wan (self-attention, cross-attention to the text,
-    FFN per block)."""
+    """Matmul + attention FLOPs of one forward (batch 1), counted from the shapes: MM-DiTs (Flux: double + single
+    blocks; SD3: joint blocks, plus SD3.5 Medium's image-only attn2; Qwen-Image: 60 dual-stream blocks, each one
+    of Flux's double blocks: q, k, v, o and a 4x GELU MLP per stream, every token through its own stream's
+    weights, and joint attention over text + image) and Wan (self-attention, cross-attention to the text, FFN per
+    block). Per-sample work (modulation linears on the timestep embedding, the embedders) is not counted."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     if "ffn_dim" in config:  # Wan
         s, t = image_tokens, text_tokens
@@ -50,6 +56,7 @@ def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
                  + 2 * s * d * config["ffn_dim"] * 2)
         return config["num_layers"] * block
     s, mlp = image_tokens + text_tokens, 4
+    # a double / dual-stream block: q, k, v, o (8 s d^2), MLP d -> 4d -> d (16 s d^2), QK^T and PV (4 s^2 d)
     double = 2 * s * d * 4 * d + 2 * s * d * 2 * mlp * d + 4 * s * s * d
     single = 2 * s * d * (3 * d + mlp * d) + 2 * s * (d + mlp * d) * d + 4 * s * s * d
     attn2 = 2 * image_tokens * d * 4 * d + 4 * image_tokens * image_tokens * d
@@ -77,30 +84,59 @@ def size_label(size: tuple[int, int], frames: int) -> str:
     return f"{size[0]}x{size[1]}" + (f"x{frames}f" if frames else "")
 
 
-def baseline_diffusers(family, config: dict, px, steps: int, text_tokens: int, cfg: float = 1.0,
-                       frames: int = 0) -> float:
-    """Plain diffusers FluxPipeline / StableDiffusion3Pipeline / WanPipeline on one GPU, latent out: the reference
-    the speedups divide. px: a side or (width, height)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+# Qwen/Qwen-Image's scheduler/scheduler_config.json (what QwenImagePipeline.from_pretrained builds)
+QWEN_IMAGE_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
+                            max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+                            stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+                            use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
+
+
+def diffusers_pipeline(family, config: dict, px, text_tokens: int, cfg: float = 1.0, frames: int = 0,
+                       device="cuda"):
+    """The family's plain diffusers pipeline around a random-weight transformer (bf16 on CUDA, fp32 on CPU) with
+    random text embeddings in place of the text encoders, and no VAE -> run(steps), a latent-out denoise of
+    `steps` steps (cfg > 1: with a negative prompt); run.pipe is the pipeline. px: a side or (width, height)."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
+                           WanPipeline)
 
     width, height = (px, px) if isinstance(px, int) else px
-    transformer = family.random(config, dtype=torch.bfloat16, device="cuda")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    transformer = family.random(config, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     if family.name == "wan":
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                            scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0))
-        embeds = torch.randn(1, text_tokens, config["text_dim"], device="cuda", dtype=torch.bfloat16)
+        embeds = torch.randn(1, text_tokens, config["text_dim"], device=device, dtype=dtype)
 
         def run(n):
             pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=height, width=width, num_frames=frames,
                  num_inference_steps=n, guidance_scale=cfg, output_type="latent")
-            torch.cuda.synchronize()
+            sync()
+        run.pipe = pipe
+        return run
+    if family.name == "qwen":
+        # QwenImagePipeline.__call__ with the Qwen2.5-VL output given: prompt_embeds [1, T, 3584] and its mask (all
+        # ones: encode_prompt drops a full mask, as ComfyUI passes none); true cfg (two batch-1 forwards a step)
+        # when true_cfg_scale > 1 and negative embeddings are given. No VAE: vae_scale_factor falls back to 8.
+        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-        run(2)
-        start = time.perf_counter()
-        run(steps)
-        return time.perf_counter() - start
-    embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device="cuda", dtype=torch.bfloat16)
-    pooled = torch.randn(1, config["pooled_projection_dim"], device="cuda", dtype=torch.bfloat16)
+        # diffusers' RoPE tables are plain attributes, not buffers: the random (meta-built) model has none, and our
+        # forward never reads them (the family computes ComfyUI's ids); diffusers' forward does, so build them
+        transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+        pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=None,
+                                 text_encoder=None, tokenizer=None, transformer=transformer)
+        embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype)
+        mask = torch.ones(1, text_tokens, dtype=torch.long, device=device)
+        negative = dict(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask) if cfg > 1 else {}
+
+        def run(n):
+            pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=cfg, height=height, width=width,
+                 num_inference_steps=n, max_sequence_length=text_tokens, output_type="latent", **negative)
+            sync()
+        run.pipe = pipe
+        return run
+    embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype)
+    pooled = torch.randn(1, config["pooled_projection_dim"], device=device, dtype=dtype)
     if family.name == "sd3":
         pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
                                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -117,9 +153,18 @@ def baseline_diffusers(family, config: dict, px, steps: int, text_tokens: int, c
     def run(n):
         pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=height, width=width, num_inference_steps=n,
              output_type="latent", **extra)
-        torch.cuda.synchronize()
+        sync()
+    run.pipe = pipe
+    return run
 
-    run(2)
+
+def baseline_diffusers(family, config: dict, px, steps: int, text_tokens: int, cfg: float = 1.0,
+                       frames: int = 0, device="cuda", warmup_steps: int = 2) -> float:
+    """Seconds of a `steps`-step denoise in the family's plain diffusers pipeline on one device, after a warm-up
+    of warmup_steps steps: the reference the speedups divide. px: a side or (width, height)."""
+    run = diffusers_pipeline(family, config, px, text_tokens, cfg, frames, device)
+    if warmup_steps:
+        run(warmup_steps)
     start = time.perf_counter()
     run(steps)
     return time.perf_counter() - start
@@ -147,7 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off", choices=["off", "on", "both"])
     p.add_argument("--pipeline-patches", type=int, default=2, help="pipefusion: row patches per step")
     p.add_argument("--warmup-steps", type=int, default=1, help="pipefusion: synchronous steps first")
-    p.add_argument("--baseline", action="store_true", help="also time diffusers FluxPipeline on 1 GPU")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the family's diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline, "
+                        "WanPipeline, QwenImagePipeline) on 1 GPU (--device cpu: on the CPU, fp32)")
+    p.add_argument("--baseline-from", default=None, metavar="JSON",
+                   help="speedups over the diffusers times in an earlier run's --json (same preset, steps, cfg, "
+                        "text tokens), e.g. a 1-GPU run with --baseline before a 2-GPU one")
     p.add_argument("--json", default=None, help="write the rows here too")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run on CPU ranks")
     p.add_argument("--weight-dtype", default=None, help="bf16 (default on CUDA), fp8_e4m3fn, fp16, fp32")
@@ -159,8 +209,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA GPU is visible (use --device cpu with --preset tiny for a smoke run)")
-    if args.baseline and args.device != "cuda":
-        p.error("--baseline needs CUDA")
     resolutions = [parse_size(x) for x in args.px.split(",")]
     args.weight_dtype = args.weight_dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.vae:
@@ -168,12 +216,17 @@ def main(argv=None) -> int:
     family = family_for_preset(args.preset)
     config = family.preset_config(args.preset)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    baselines = {px: baseline_diffusers(family, config, px, args.steps, args.text_tokens, args.cfg, args.frames)
+    baselines = {px: baseline_diffusers(family, config, px, args.steps, args.text_tokens, args.cfg, args.frames,
+                                        device=args.device)
                  for px in resolutions} if args.baseline else {}
-    if baselines:
-        torch.cuda.empty_cache()  # the baseline's model is gone; hand its memory back before the pools start
+    if args.baseline_from and not args.baseline:
+        baselines = _earlier_baselines(p, args, resolutions)
+    elif baselines and args.device == "cuda":
+        gc.collect()  # the baseline's pipeline and model are gone: hand their memory back before the pools start
+        torch.cuda.empty_cache()
     for px, seconds in baselines.items():
-        print(f"diffusers, 1 GPU, {size_label(px, args.frames)}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        print(f"diffusers, 1 GPU, {size_label(px, args.frames)}: {seconds:.3f} s"
+              + (f" (from {args.baseline_from})" if not args.baseline else ""), file=sys.stderr, flush=True)
 
     resident = (torch.empty(int(args.resident_gb * 1e9), dtype=torch.uint8, device="cuda")
                 if args.resident_gb else None)  # stays allocated until this process ends
@@ -212,11 +265,27 @@ def main(argv=None) -> int:
                         label = f"{gpus} GPU {strategy} {size_label(px, args.frames)} compile={compiled}"
                         rows_, cols_ = family.token_grid(shape)
                         warm = dict(model_key=key, seed=0, steps=3 if compiled else 2, cfg=args.cfg)
-                        pool.request("sample", warm, tensors)
-                        start = time.perf_counter()
-                        reply, _ = pool.request("sample", dict(model_key=key, seed=0, steps=args.steps, cfg=args.cfg),
-                                                tensors, on_progress=_progress(label))
-                        total = time.perf_counter() - start
+                        try:
+                            pool.request("sample", warm, tensors)
+                            start = time.perf_counter()
+                            reply, _ = pool.request("sample", dict(model_key=key, seed=0, steps=args.steps,
+                                                                   cfg=args.cfg), tensors, on_progress=_progress(label))
+                            total = time.perf_counter() - start
+                        except (RequestFailed, PoolDied) as e:
+                            if isinstance(e, RequestFailed) and e.kind != "memory":
+                                raise
+                            # the layout was let through but sampling ran out of memory (a refusal), or a worker
+                            # died (a CUDA out-of-memory error kills it): recorded, and this pool is done
+                            died = isinstance(e, PoolDied)
+                            row = dict(gpus=gpus, strategy=strategy, dtype=loaded.get("weight_dtype", dtype),
+                                       layout={k: v for k, v in loaded["parallel"].items() if v > 1},
+                                       px=size_label(px, args.frames), compile=compiled,
+                                       **{"failed" if died else "refused": str(e).strip()[-2000:]})
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                            if died:
+                                raise _PoolLost from e
+                            continue
                         branches = 2 if args.cfg != 1.0 else 1
                         flops = flops_per_step(config, rows_ * cols_, args.text_tokens) * args.steps * branches
                         row = dict(gpus=gpus, strategy=strategy, dtype=loaded.get("weight_dtype", dtype),
@@ -232,6 +301,8 @@ def main(argv=None) -> int:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                     pool.request("unload_model", {"model_key": key})
+        except _PoolLost:
+            pass  # its rows say why; the next GPU count starts a new pool
         finally:
             pool.shutdown()
 
@@ -243,18 +314,38 @@ def main(argv=None) -> int:
         print(f"{1:>4} {'diffusers':>8} {size_label(px, args.frames):>12} {'-':>7} {seconds:>8.3f} {'-':>8} {'-':>7} "
               f"{1.0:>7.2f} {flops / seconds / 1e12:>11.1f}")
     for r in rows:
-        if "refused" in r:
-            print(f"{r['gpus']:>4} {r['strategy']:>8} {r['dtype']}: refused: {r['refused']}")
+        if "refused" in r or "failed" in r:
+            what = "refused" if "refused" in r else "failed"
+            print(f"{r['gpus']:>4} {r['strategy']:>8} {r.get('px', '')} {r['dtype']} {r.get('layout', '')}: {what}: "
+                  f"{r[what]}")
             continue
         print(f"{r['gpus']:>4} {r['strategy']:>8} {r['px']:>12} {str(r['compile']):>7} {r['seconds']:>8.3f} "
               f"{r['denoise_s']:>8.3f} {r['overhead_ms']:>7.1f} {r.get('speedup_vs_diffusers', float('nan')):>7.2f} "
               f"{r['tflops_per_gpu']:>11.1f}  {r['peak_gib']}  {r['dtype']} {r['layout']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(baselines={size_label(px, args.frames): v for px, v in baselines.items()}, rows=rows), f,
-                      indent=1)
+            times = {size_label(px, args.frames): v for px, v in baselines.items()}
+            json.dump(dict(run=_run_key(args), baselines=times, rows=rows), f, indent=1)
     del resident
-    return 0
+    return 1 if any("failed" in r for r in rows) else 0
+
+
+def _run_key(args) -> dict:
+    """What a diffusers time depends on, kept in --json so that --baseline-from can check it."""
+    return dict(preset=args.preset, steps=args.steps, cfg=args.cfg, text_tokens=args.text_tokens, frames=args.frames)
+
+
+def _earlier_baselines(parser, args, resolutions) -> dict:
+    with open(args.baseline_from) as f:
+        earlier = json.load(f)
+    if earlier.get("run") != _run_key(args):
+        parser.error(f"--baseline-from {args.baseline_from}: it ran {earlier.get('run')}, this runs {_run_key(args)}")
+    times = earlier.get("baselines", {})
+    return {px: times[size_label(px, args.frames)] for px in resolutions if size_label(px, args.frames) in times}
+
+
+class _PoolLost(Exception):
+    """A worker died during a request: the rest of this pool's runs are skipped."""
 
 
 def _pool_options(args, gpus: int) -> PoolOptions:
