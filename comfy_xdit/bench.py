@@ -118,11 +118,6 @@ def diffusers_pipeline(family, config: dict, px, text_tokens: int, cfg: float = 
         # QwenImagePipeline.__call__ with the Qwen2.5-VL output given: prompt_embeds [1, T, 3584] and its mask (all
         # ones: encode_prompt drops a full mask, as ComfyUI passes none); true cfg (two batch-1 forwards a step)
         # when true_cfg_scale > 1 and negative embeddings are given. No VAE: vae_scale_factor falls back to 8.
-        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-
-        # diffusers' RoPE tables are plain attributes, not buffers: the random (meta-built) model has none, and our
-        # forward never reads them (the family computes ComfyUI's ids); diffusers' forward does, so build them
-        transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
         pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=None,
                                  text_encoder=None, tokenizer=None, transformer=transformer)
         embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype)

@@ -110,24 +110,43 @@ def estimate_memory(family: Family, config: dict, parallel: ParallelConfig, stor
     parts, c = _parts(family, _key(config)), torch.empty((), dtype=compute).element_size()
     n, pp = len(parts.blocks), parallel.pipefusion_degree
     bounds = explicit_bounds or (stage_bounds(family, config, pp) if pp > 1 else [(0, n)])
-    seq = 0
+    tokens = 0
     if image_size is not None:
         w, h = image_size
         rows, cols = family.token_grid((1, family.latent_format.channels, h // 8, w // 8))
-        seq = -(-(TEXT_TOKENS + rows * cols) // parallel.sp_degree)
+        tokens = rows * cols
     out = []
     for start, stop in bounds:
         blocks = parts.blocks[start:stop]
         numel = parts.shared + sum(map(sum, blocks)) + (parts.embed if start == 0 else 0) + \
             (parts.head if stop == n else 0)
         weights = numel * c - (sum(b[0] for b in blocks) * (c - 1) if fp8 else 0)
-        act = 0
-        if seq:
-            act = BLOCK_WORKSET * seq * parts.width * c
-            act += 2 * seq * parts.width * c * (stop - start) if pp > 1 else 0
-            act += parts.largest_linear * c if fp8 else 0
+        act = _activations(parts, tokens, parallel, stop - start, c, fp8) if tokens else 0
         out.append(MemoryEstimate(weights, act))
     return out
+
+
+def _activations(parts: _Parts, tokens: int, parallel: ParallelConfig, blocks: int, c: int, fp8: bool,
+                 rows: int = 1) -> int:
+    """The activation term of estimate_memory for `tokens` image tokens and `rows` latent rows in one forward."""
+    seq = -(-(TEXT_TOKENS + tokens) // parallel.sp_degree)
+    act = BLOCK_WORKSET * seq * parts.width * c
+    act += 2 * seq * parts.width * c * blocks if parallel.pipefusion_degree > 1 else 0
+    return rows * act + (parts.largest_linear * c if fp8 else 0)
+
+
+def sample_activations(family: Family, config: dict, parallel: ParallelConfig, storage: str, latent_shape: tuple,
+                       guided: bool, stage_blocks: int | None = None) -> int:
+    """Bytes above the resident weights that sampling `latent_shape` needs on one rank: estimate_memory's
+    activation term for its real token count (frames included), times the rows one forward holds (this rank's
+    data-parallel share of the batch, twice with cfg when cond and uncond share a rank: one batch, or two
+    denoisers each with its PipeFusion stale K/V)."""
+    compute, fp8 = WEIGHT_STORAGE[storage]
+    parts, c = _parts(family, _key(config)), torch.empty((), dtype=compute).element_size()
+    rows, cols = family.token_grid(tuple(latent_shape))
+    batch = -(-latent_shape[0] // parallel.dp_degree) * (2 if guided and parallel.cfg_degree == 1 else 1)
+    blocks = stage_blocks if stage_blocks is not None else len(parts.blocks)
+    return _activations(parts, rows * cols, parallel, blocks, c, fp8, batch)
 
 
 def _describe(pp: int, storage: str, joiner: str) -> str:

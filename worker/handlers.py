@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from comfy_xdit.config import ParallelConfig, ParallelConfigError
 from comfy_xdit.mesh import ParallelMesh, build_mesh
-from comfy_xdit.memory import (WEIGHT_STORAGE, NotEnoughMemory, auto_layout, block_costs, check_memory, preferred_layout,
-                               stage_bounds)
+from comfy_xdit.memory import (GB, WEIGHT_STORAGE, NotEnoughMemory, auto_layout, block_costs, check_memory,
+                               preferred_layout, sample_activations, stage_bounds)
 from comfy_xdit.models.checkpoint import CheckpointError
 from comfy_xdit.models.dit import DiTModel
 from comfy_xdit.models.family import all_presets, family_for_preset, read_info
@@ -355,6 +355,23 @@ class WorkerState:
             loaded = f" ({len(self.models)} other model(s) loaded: unload them to free memory)" if self.models else ""
             raise RequestError(str(e) + loaded, kind="memory") from e
 
+    def _check_sample_memory(self, key: str, latent_shape: tuple, guided: bool) -> None:
+        """Refuse, before the first step, a job whose activations (memory.sample_activations: the real token count
+        and batch) exceed what the GPU with the least free memory has left beside the resident weights; the load
+        only checked one 1024x1024 image."""
+        model = self.models[key]
+        stage = model.stage_bounds[model.link.rank] if isinstance(model, PipeFusionModel) else None
+        need = sample_activations(model.family, model.config, model.mesh.config, self.model_storage[key],
+                                  latent_shape, guided, None if stage is None else stage[1] - stage[0])
+        free, device = self._fullest_gpu()
+        if need > free:
+            b, (h, w) = latent_shape[0], latent_shape[-2:]
+            size = f"{latent_shape[2]} frames of " if len(latent_shape) == 5 and latent_shape[2] > 1 else ""
+            both = " (cond and uncond on one GPU)" if guided and model.mesh.size("cfg") == 1 else ""
+            raise RequestError(f"sampling {b} x {size}a {w}x{h} latent needs about {need / GB:.1f} GB per GPU above "
+                               f"the weights{both}; {free / GB:.1f} GB free on {device}: use a smaller size or batch, "
+                               "more GPUs (cfg_parallel, ulysses), or free memory", kind="memory")
+
     def _resident_vae(self, path: str, dtype: str) -> tuple[str, tuple]:
         """(key, (vae, info)), loading the file once per dtype."""
         key = f"vae|{os.path.abspath(path)}|{dtype}"
@@ -546,6 +563,9 @@ class WorkerState:
                     model.check_conditioning(cond)
         except ValueError as e:
             raise RequestError(str(e)) from e
+        if self.device.type == "cuda":
+            self._check_sample_memory(args["model_key"], tuple(tensors["latent"].shape),
+                                      negative is not None and float(args.get("cfg", 1.0)) != 1.0)
         start, deadline = time.time(), args.get("deadline")
         self._apply_loras(args["model_key"], args.get("loras") or [])
         if args.get("controls"):

@@ -197,3 +197,28 @@ def test_auto_layout_prefers_sequence_parallel_then_pipefusion_then_fp8():
         auto_layout(FLUX, config, 2, "fp16", 10 * gb, "cuda:1")
     with pytest.raises(NotEnoughMemory, match=r"with pipefusion 2 and fp8; 4.0 GB free on cuda:0; use more GPUs"):
         auto_layout(FLUX, config, 2, "bf16", 4 * gb, "cuda:0")
+
+
+def test_sample_activations_count_the_real_tokens_rows_and_stages():
+    """The sample-time check: the load's activation term at the job's own token count, times the rows one forward
+    holds (the dp share, twice for cfg on one rank), the stale K/V of the stage's own blocks."""
+    from comfy_xdit.memory import sample_activations
+    from comfy_xdit.models.qwen import QWEN
+    from comfy_xdit.models.wan import WAN
+
+    config = QWEN.preset_config("qwen-image")
+    one = ParallelConfig()
+    at_1328 = estimate_memory(QWEN, config, one, "bf16", (1328, 1328))[0].activations
+    assert sample_activations(QWEN, config, one, "bf16", (1, 16, 1, 166, 166), guided=False) == at_1328
+    assert sample_activations(QWEN, config, one, "bf16", (1, 16, 1, 166, 166), guided=True) == 2 * at_1328
+    cfg2 = ParallelConfig(cfg_degree=2)
+    assert sample_activations(QWEN, config, cfg2, "bf16", (1, 16, 1, 166, 166), guided=True) == at_1328
+    dp2 = ParallelConfig(dp_degree=2)
+    assert sample_activations(QWEN, config, dp2, "bf16", (3, 16, 1, 166, 166), guided=False) == 2 * at_1328
+    pp2 = ParallelConfig(pipefusion_degree=2)
+    stage = estimate_memory(QWEN, config, pp2, "bf16", (1328, 1328))[0]
+    assert sample_activations(QWEN, config, pp2, "bf16", (1, 16, 1, 166, 166), False, 30) == stage.activations
+    # video: every frame's tokens count (the load-time term sees one frame)
+    wan = WAN.preset_config("wan2.1-t2v-1.3b")
+    frame = sample_activations(WAN, wan, one, "bf16", (1, 16, 1, 60, 104), guided=False)
+    assert sample_activations(WAN, wan, one, "bf16", (1, 16, 21, 60, 104), guided=False) > 15 * frame

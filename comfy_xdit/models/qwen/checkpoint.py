@@ -153,7 +153,17 @@ def load_qwen_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = 
         sd = {k[len(prefix):]: v for k, v in sd.items()}
     except CheckpointError as e:
         raise with_path(path, e) from e
-    return assign_state_dict(model, sd, path), info
+    return real_rope(assign_state_dict(model, sd, path)), info
+
+
+def real_rope(model):
+    """diffusers' RoPE tables are plain attributes, not buffers: a model built on the meta device has none.
+    This pack's forward computes ComfyUI's ids and never reads them; diffusers' own forward does, so the model
+    gets real ones (CPU tensors; diffusers moves them to the input's device per call)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(model.config.axes_dims_rope), scale_rope=True)
+    return model
 
 
 def write_qwen_checkpoint(model, path, layout: str = "diffusers", dtype=None, scaled_fp8: bool = False):

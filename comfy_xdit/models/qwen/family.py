@@ -27,7 +27,8 @@ from ...sampling import DiscreteFlowModelSampling, FluxModelSampling
 from ...stepwise import pad_to_patches
 from ..family import Family, Step
 from ..wan.family import WAN21_LATENT
-from .checkpoint import QWEN_BLOCKS, detect_qwen_layout, load_qwen_transformer, qwen_variant, read_qwen_info
+from .checkpoint import (QWEN_BLOCKS, detect_qwen_layout, load_qwen_transformer, qwen_variant, read_qwen_info,
+                         real_rope)
 from .random import QWEN_PRESETS
 
 PATCH = 2
@@ -105,6 +106,9 @@ class QwenImageFamily(Family):
 
     def load(self, path, dtype=torch.bfloat16, device="cpu", fp8=False, stage=None, progress=None):
         return load_qwen_transformer(path, dtype=dtype, device=device, fp8=fp8, stage=stage, progress=progress)
+
+    def random(self, config, seed=0, dtype=torch.float32, device="cpu", fp8=False, stage=None):
+        return real_rope(super().random(config, seed=seed, dtype=dtype, device=device, fp8=fp8, stage=stage))
 
     def variant(self, config):
         return qwen_variant(config)
