@@ -89,6 +89,7 @@ class DiTModel:
         for block in self.family.blocks.blocks(self.transformer):
             if not isinstance(block, torch.nn.Identity):
                 block.compile(backend=backend, fullgraph=False, dynamic=False, options=options)
+        self.transformer.compiled_blocks = True  # a family's prologue may pick inputs that compile better
 
     @property
     def dtype(self) -> torch.dtype:

@@ -28,6 +28,16 @@ class ShardState:
     image_context_len: int = 0   # Wan I2V: leading context tokens that are CLIP-vision, not text
 
 
+def apply_rope(x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """RoPE on [B, S, H, D] over adjacent pairs: rope is (cos, sin) [S, D] repeated per pair (diffusers' real form,
+    Flux / SD3), or (freqs,) complex [S, D / 2] (one complex multiply in fp32, ~2x less memory traffic in eager
+    mode: Qwen-Image's long joint sequences)."""
+    if len(rope) == 1:
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * rope[0][None, :, None, :]).flatten(3).to(x.dtype)
+    return apply_rotary_emb(x, rope, sequence_dim=1)
+
+
 class JointAttnProcessor:
     """diffusers' Flux / SD3 joint attention with the attention call swapped for state.attention.
 
@@ -55,8 +65,7 @@ class JointAttnProcessor:
                 eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
             q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
         if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            q, k = apply_rope(q, image_rotary_emb), apply_rope(k, image_rotary_emb)
 
         replicated = 0 if self.image_only else self.state.replicated_text_len
         out = self.state.attention(q, k, v, replicated_text_len=replicated).flatten(2, 3).to(q.dtype)
