@@ -151,7 +151,11 @@ def make_model(engine: Engine, handle: ModelHandle) -> PoolModelPatcher:
     if handle.shift is not None:  # a ModelSampling (xDiT) node before the conversion
         from .comfy_xdit.models.family import detect_family
 
-        multiplier = detect_family(handle.path)[0].shift_multiplier
+        family = detect_family(handle.path)[0]
+        multiplier = family.shift_multiplier
+        if not hasattr(base.model_sampling, "shift") and multiplier is None:  # discrete DDPM (PixArt): no shift
+            raise ValueError(f"{family.label} samples with discrete DDPM steps, which have no shift: remove the "
+                             "ModelSampling (xDiT) node before xDiT Model to MODEL")
         if multiplier is None:  # the model's own sampling at another shift (ModelSamplingSD3 / ModelSamplingFlux)
             sampling = base.model_sampling
             kept = {k: getattr(sampling, k) for k in ("multiplier",) if hasattr(sampling, k)}

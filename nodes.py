@@ -139,6 +139,12 @@ def _conditioning(cond, name: str) -> Conditioning:
     # TextEncodeQwenImageEdit / ReferenceLatent (Qwen-Image-Edit): VAE-space latents, numbered in order
     for i, ref in enumerate(extra.get("reference_latents") or []):
         tensors[f"ref_latents.{i}"] = ref
+    # CLIPTextEncodePixArtAlpha's size (PixArt-α's micro-conditions), as comfy.model_base.PixArt turns it into c_size
+    # / c_ar; families without micro-conditions ignore them
+    if extra.get("width") is not None and extra.get("height") is not None:
+        h, w = float(extra["height"]), float(extra["width"])
+        tensors["c_size"] = torch.tensor([[h, w]])
+        tensors["c_ar"] = torch.tensor([[float(extra.get("aspect_ratio", h / w))]])
     # ComfyUI's Qwen-Image places references by frame index unless the method is anything else ("offset",
     # FluxKontextMultiReferenceLatentMethod's "uxo/uno"), which places them side by side
     method = extra.get("reference_latents_method")
