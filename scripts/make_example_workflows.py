@@ -1,4 +1,4 @@
-"""Writes example_workflows/: each Flux, SD3 and Wan workflow in ComfyUI's UI format (for the template
+"""Writes example_workflows/: each Flux, SD3, Wan and Qwen-Image workflow in ComfyUI's UI format (for the template
 browser and drag-and-drop) and in API format (for POST /prompt), from one description so
 the two never drift apart.
 
@@ -163,10 +163,59 @@ def wan22_two_experts(base: dict) -> dict:
     return wf
 
 
+NEGATIVE_QWEN = "blurry, low quality, distorted text, extra limbs, watermark"
+QWEN_IMAGE = {  # Qwen-Image (20B) at its native 1328x1328, cfg 4 with a negative prompt, 50 steps; the fp8 file
+    # kept in fp8 (20 GB a GPU): on two 24 GB cards "auto" picks CFG parallel
+    1: ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                       "device": "default"}, {}, [("CLIP", "CLIP")]),
+    2: ("CLIPTextEncode", {"text": "a cozy bookshop on a rainy evening, warm light in the windows, a hand-painted "
+                                   "sign that reads \"Open Late\", photograph"},
+        {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    3: ("CLIPTextEncode", {"text": NEGATIVE_QWEN}, {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    4: ("XDiTModelLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "fp8_e4m3fn",
+                            "gpus": 2, "strategy": "auto", "ulysses_degree": 1, "ring_degree": 1}, {},
+        [("XDIT_MODEL", "XDIT_MODEL")]),
+    # ComfyUI's Qwen-Image workflows put ModelSamplingAuraFlow 3.1 on the MODEL; on Qwen-Image this node does
+    # the same (discrete flow, multiplier 1.0)
+    5: ("XDiTModelSamplingSD3", {"shift": 3.1}, {"model": (4, 0, "XDIT_MODEL")}, [("XDIT_MODEL", "XDIT_MODEL")]),
+    6: ("EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1}, {}, [("LATENT", "LATENT")]),
+    7: ("XDiTSampler", {"seed": 42, "steps": 50, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                        "denoise": 1.0},
+        {"model": (5, 0, "XDIT_MODEL"), "positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING"),
+         "latent_image": (6, 0, "LATENT")}, [("LATENT", "LATENT")]),
+    8: ("XDiTVAELoader", {"vae_name": "qwen_image_vae.safetensors", "gpus": 2}, {}, [("XDIT_VAE", "XDIT_VAE")]),
+    9: ("XDiTVAEDecode", {}, {"samples": (7, 0, "LATENT"), "vae": (8, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")]),
+    10: ("SaveImage", {"filename_prefix": "xdit_qwen_image"}, {"images": (9, 0, "IMAGE")}, []),
+}
+
+
+def qwen_image_edit(base: dict) -> dict:
+    """Qwen-Image-Edit: ComfyUI's TextEncodeQwenImageEdit reads the picture with the text (Qwen2.5-VL) and adds
+    its VAE latent as the reference for both prompts; ComfyUI's VAEEncode of the same picture, scaled to about
+    1 megapixel, gives the latent's size; the pool samples and decodes."""
+    wf = dict(base)
+    wf[4] = ("XDiTModelLoader", dict(base[4][1], unet_name="qwen_image_edit_fp8_e4m3fn.safetensors"), {},
+             base[4][3])
+    wf[11] = ("LoadImage", {"image": "example.png", "upload": "image"}, {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    wf[12] = ("ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": 1.0},
+              {"image": (11, 0, "IMAGE")}, [("IMAGE", "IMAGE")])
+    wf[13] = ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, {}, [("VAE", "VAE")])
+    wf[2] = ("TextEncodeQwenImageEdit", {"prompt": "make it a snowy winter evening, keep the sign and the shop"},
+             {"clip": (1, 0, "CLIP"), "vae": (13, 0, "VAE"), "image": (12, 0, "IMAGE")},
+             [("CONDITIONING", "CONDITIONING")])
+    wf[3] = ("TextEncodeQwenImageEdit", {"prompt": NEGATIVE_QWEN},
+             {"clip": (1, 0, "CLIP"), "vae": (13, 0, "VAE"), "image": (12, 0, "IMAGE")},
+             [("CONDITIONING", "CONDITIONING")])
+    wf[6] = ("VAEEncode", {}, {"pixels": (12, 0, "IMAGE"), "vae": (13, 0, "VAE")}, [("LATENT", "LATENT")])
+    wf[10] = ("SaveImage", {"filename_prefix": "xdit_qwen_image_edit"}, {"images": (9, 0, "IMAGE")}, [])
+    return wf
+
+
 WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
              "flux_controlnet_xdit": with_controlnet(TXT2IMG), "flux_ksampler_xdit_model": with_comfy_sampler(TXT2IMG),
              "sd3_txt2img_xdit": SD3_TXT2IMG, "wan21_t2v_xdit": WAN_T2V, "wan21_i2v_xdit": wan_i2v(WAN_T2V),
-             "wan22_two_experts_xdit": wan22_two_experts(WAN_T2V)}
+             "wan22_two_experts_xdit": wan22_two_experts(WAN_T2V), "qwen_image_xdit": QWEN_IMAGE,
+             "qwen_image_edit_xdit": qwen_image_edit(QWEN_IMAGE)}
 
 
 UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt

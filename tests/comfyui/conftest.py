@@ -5,8 +5,10 @@
   or that Python cannot import what ComfyUI and the pack need.
 - `comfy`: ONE server for the whole session (a ComfyServer: .run(prompt, timeout) -> history entry,
   .latent(entry, node_id), .interrupt(), .get(path)), started on a temporary base directory holding the random
-  models of helpers.write_models and a symlink to this checkout in custom_nodes/. Stopped at the end (SIGTERM,
-  then SIGKILL); the session errors if a pool process outlives it. The models (3 GB) are deleted then, unless
+  models of helpers.write_models, a symlink to this checkout in custom_nodes/ and the test-only nodes of
+  helpers.write_test_nodes (custom_nodes/cxd_test_nodes: CXDTestLoadConditioning, a CONDITIONING from a tensor
+  file, for Qwen-Image, whose 7B text encoder cannot be built tiny). Stopped at the end (SIGTERM, then
+  SIGKILL); the session errors if a pool process outlives it. The models (4 GB) are deleted then, unless
   CXD_KEEP_COMFYUI_BASE is set; the server's log stays in the base directory (comfyui.log).
 - `models`: {what: file name} of those models.
 
@@ -33,7 +35,7 @@ import time
 import pytest
 
 from tests.comfyui.helpers import (REPO, ComfyServer, built_by_setup_script, find_comfyui, find_comfyui_python,
-                                   write_models)
+                                   write_models, write_test_nodes)
 
 # What ComfyUI 0.3.64 imports at start-up (torchvision: comfy/ldm/cosmos) and what the pack's workers need.
 _IMPORTS = "import torch, torchvision, torchsde, einops, aiohttp, transformers, safetensors, av, diffusers, yunchang"
@@ -67,13 +69,14 @@ def comfyui_python() -> str:
 
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> str:
-    """ComfyUI's base directory for the session: models/, input/, output/, user/, and custom_nodes/comfy_xdit
-    (a symlink to this checkout)."""
+    """ComfyUI's base directory for the session: models/, input/, output/, user/, custom_nodes/comfy_xdit
+    (a symlink to this checkout) and custom_nodes/cxd_test_nodes (test-only nodes)."""
     base = str(tmp_path_factory.mktemp("comfyui_base"))
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models/diffusion_models", "models/vae",
                 "models/text_encoders", "models/loras"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     os.symlink(REPO, os.path.join(base, "custom_nodes", "comfy_xdit"))
+    write_test_nodes(base)  # before the server starts: ComfyUI imports custom nodes once
     return base
 
 
@@ -93,7 +96,7 @@ def _server_and_models(comfyui_dir, comfyui_python, comfy_base):
                      f"({server.url}, log {server.log_path})\n")
     yield server, models
     left = server.stop()
-    if not os.environ.get("CXD_KEEP_COMFYUI_BASE"):  # 3 GB of models; pytest keeps its last temp folders
+    if not os.environ.get("CXD_KEEP_COMFYUI_BASE"):  # 4 GB of models; pytest keeps its last temp folders
         shutil.rmtree(os.path.join(comfy_base, "models"), ignore_errors=True)
     if left:
         raise AssertionError(f"processes started by ComfyUI outlived it: {left}\n{server.log_tail(40)}")

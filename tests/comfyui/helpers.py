@@ -34,6 +34,11 @@ WAN_HIGH = "cxd_wan_high.safetensors"   # tiny Wan 2.1 T2V (text_dim 4096), orig
 WAN_LOW = "cxd_wan_low_fp8_scaled.safetensors"  # another one as ComfyUI's scaled fp8: Wan 2.2's second expert
 WAN_I2V = "cxd_wan_i2v.safetensors"     # tiny Wan 2.2 I2V A14B-shaped (36 input channels, no CLIP vision)
 WAN_VAE = "cxd_wan21_vae.safetensors"   # the Wan 2.1 VAE at its real widths (ComfyUI's loader fixes them), random
+QWEN = "cxd_qwen_1block.safetensors"    # Qwen-Image at full width (ComfyUI fixes it), 1 block, bf16 (diffusion_models)
+QWEN_FP8 = "cxd_qwen_1block_fp8_scaled.safetensors"  # the same weights as ComfyUI's scaled fp8
+QWEN_TEXT = "cxd_qwen_text.safetensors"  # Qwen2.5-VL-7B-shaped hidden states (input): positive, negative
+QWEN_TEXT_LENGTHS = {"positive": 9, "negative": 6}  # tokens: different, not all even
+TEST_NODES = "cxd_test_nodes"           # test-only custom nodes (custom_nodes/), see write_test_nodes
 
 
 # --- where things are -------------------------------------------------------------------------------------
@@ -141,7 +146,50 @@ def _kohya_lora(weights: dict, modules: dict, seed: int) -> dict:
     return sd
 
 
-def write_models(base: str, flux: bool = True) -> dict:
+# Test-only nodes the session's server loads from custom_nodes/cxd_test_nodes (never part of the pack): what
+# cannot be built tiny. Qwen-Image's only text encoder is Qwen2.5-VL-7B (CLIPLoader type qwen_image), so its
+# CONDITIONING [1, T, 3584] comes from a tensor file in input/.
+_TEST_NODES_SOURCE = '''"""Test-only ComfyUI nodes for the comfy_xdit tests (see tests/comfyui/helpers.py)."""
+
+import os
+
+import folder_paths
+
+
+class CXDTestLoadConditioning:
+    DESCRIPTION = "A CONDITIONING [[tensor, {}]] from a tensor of a safetensors file in the input folder."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"file": ("STRING", {"default": ""}), "key": ("STRING", {"default": "context"})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, file, key):
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(folder_paths.get_input_directory(), file))
+        return ([[tensors[key], {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"CXDTestLoadConditioning": CXDTestLoadConditioning}
+'''
+
+
+def write_test_nodes(base: str) -> str:
+    """Write the test-only custom node package into base/custom_nodes (before the server starts: ComfyUI
+    imports custom nodes once); returns its folder. Its node CXDTestLoadConditioning(file, key) returns
+    [[tensor, {}]] of the tensor `key` in input/<file>."""
+    folder = os.path.join(base, "custom_nodes", TEST_NODES)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "__init__.py"), "w") as f:
+        f.write(_TEST_NODES_SOURCE)
+    return folder
+
+
+def write_models(base: str, flux: bool = True, qwen: bool = True) -> dict:
     """Small random models in the real formats under base/models (and an input picture under base/input);
     returns {what: file name}. Takes the pack's own writers, so the files are what users' files look like:
     - SD3: an SD3.5-Medium-shaped tiny transformer (dual attention, q/k norm) as SAI's all-in-one checkpoint
@@ -155,7 +203,10 @@ def write_models(base: str, flux: bool = True) -> dict:
       128-channel first level), kohya LoRAs for both transformers (loras);
     - Wan: two tiny Wan 2.1 T2V transformers in the original layout (ComfyUI's repackaged files), the second
       as ComfyUI's scaled fp8, the two experts of a Wan 2.2-style chain; a Wan 2.2 I2V-shaped one (36 input
-      channels); the Wan 2.1 VAE at its real widths."""
+      channels); the Wan 2.1 VAE at its real widths;
+    - Qwen-Image: ComfyUI reads only the input channels and the depth off the file (24 heads of 128, text width
+      3584 fixed), so full width with 1 block (about 370M parameters), bf16, and the same weights as ComfyUI's
+      scaled fp8; text-encoder-shaped hidden states for CXDTestLoadConditioning (input/, write_test_nodes)."""
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -215,6 +266,19 @@ def write_models(base: str, flux: bool = True) -> dict:
     torch.manual_seed(0)
     write_wan_vae_checkpoint(AutoencoderKLWan().eval(), os.path.join(models, "vae", WAN_VAE), layout="wan")
 
+    if qwen:
+        from comfy_xdit.models.qwen import QWEN as QWEN_FAMILY
+        from comfy_xdit.models.qwen.checkpoint import write_qwen_checkpoint
+
+        config = dict(QWEN_FAMILY.preset_config("qwen-image"), num_layers=1)
+        qwen_model = QWEN_FAMILY.random(config, seed=0, dtype=torch.bfloat16)  # drawn in fp32, held in bf16
+        write_qwen_checkpoint(qwen_model, os.path.join(models, "diffusion_models", QWEN))
+        write_qwen_checkpoint(qwen_model, os.path.join(models, "diffusion_models", QWEN_FP8), scaled_fp8=True)
+        del qwen_model
+        g = torch.Generator().manual_seed(3)
+        save_file({k: torch.randn(1, n, config["joint_attention_dim"], generator=g)
+                   for k, n in QWEN_TEXT_LENGTHS.items()}, os.path.join(base, "input", QWEN_TEXT))
+
     save_file(_clip_l_state_dict(seed=0), os.path.join(models, "text_encoders", CLIP_L))
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -227,7 +291,8 @@ def write_models(base: str, flux: bool = True) -> dict:
     Image.fromarray((rgb * 255).round().byte().numpy()).save(os.path.join(base, "input", IMAGE))
     return dict(sd3=SD3, flux=FLUX if flux else None, clip_l=CLIP_L, vae=VAE, sd3_lora=SD3_LORA,
                 flux_lora=FLUX_LORA if flux else None, image=IMAGE, wan_high=WAN_HIGH, wan_low=WAN_LOW,
-                wan_i2v=WAN_I2V, wan_vae=WAN_VAE)
+                wan_i2v=WAN_I2V, wan_vae=WAN_VAE, qwen=QWEN if qwen else None,
+                qwen_fp8=QWEN_FP8 if qwen else None, qwen_text=QWEN_TEXT if qwen else None)
 
 
 # --- workflows --------------------------------------------------------------------------------------------
@@ -631,10 +696,12 @@ def python_info(python: str) -> str:
         return str(e)
 
 
-__all__ = ["CLIP_L", "Common", "ComfyServer", "FLUX", "FLUX_LORA", "IMAGE", "PromptFailed", "SD3", "SD3_LORA", "VAE",
-           "Events", "Workflow", "common_nodes", "descendants", "execution_error", "find_comfyui",
-           "find_comfyui_python", "pool_ranks", "rel_l2",
-           "sampler_pair", "write_models", "xdit_loader"]
-if __name__ == "__main__":  # write the models somewhere, for trying by hand
+__all__ = ["CLIP_L", "Common", "ComfyServer", "FLUX", "FLUX_LORA", "IMAGE", "PromptFailed", "QWEN", "QWEN_FP8",
+           "QWEN_TEXT", "QWEN_TEXT_LENGTHS", "SD3", "SD3_LORA", "TEST_NODES", "VAE", "WAN_HIGH", "WAN_I2V", "WAN_LOW",
+           "WAN_VAE", "Events", "Workflow", "common_nodes", "descendants", "execution_error", "find_comfyui",
+           "find_comfyui_python", "pool_ranks", "rel_l2", "sampler_pair", "write_models", "write_test_nodes",
+           "xdit_loader"]
+if __name__ == "__main__":  # write the models (and the test nodes) somewhere, for trying by hand
     sys.path.insert(0, REPO)
+    write_test_nodes(sys.argv[1])
     print(write_models(sys.argv[1]))
