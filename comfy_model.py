@@ -22,6 +22,7 @@ import torch
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.utils
 
@@ -89,6 +90,11 @@ class PoolDiffusionModel(torch.nn.Module):
                              "transformer_options); the xDiT workers cannot run ComfyUI-side patches")
         inputs = {"context": context, **kwargs}
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        # ComfyUI's reference-latent method (a string; FluxKontextMultiReferenceLatentMethod sets it): anything but
+        # "index" places the references side by side, sent as the flag the Sampler (xDiT) path sends too
+        method = inputs.pop("ref_latents_method", None)
+        if method not in (None, "index") and inputs.get("ref_latents"):
+            inputs["ref_latents_offset"] = torch.ones(x.shape[0], 1)
         for name, value in list(inputs.items()):  # a list input (Qwen-Image-Edit's ref_latents): one per tensor
             if isinstance(value, (list, tuple)):
                 del inputs[name]
@@ -161,8 +167,6 @@ def make_model(engine: Engine, handle: ModelHandle) -> PoolModelPatcher:
             kept = {k: getattr(sampling, k) for k in ("multiplier",) if hasattr(sampling, k)}
             sampling.set_parameters(shift=handle.shift, **kept)
         else:  # discrete flow at the family's multiplier, as ComfyUI's ModelSamplingAuraFlow patches Qwen-Image
-            import comfy.model_sampling
-
             class DiscreteFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
                 pass
 

@@ -41,11 +41,7 @@ SHIFT = 3.1  # ModelSamplingAuraFlow's value in ComfyUI's Qwen-Image templates
 SIZE = dict(width=64, height=48)  # latent 8 x 6 -> 4 x 3 patches: 12 image tokens
 SHAPE = (1, 16, 1, 6, 8)
 REFERENCES = ((72, 40), (48, 64))  # px: latents 9 x 5 (odd: padded to patches, 15 tokens) and 6 x 8 (12 tokens)
-XFAIL = {  # case -> reason, for real mismatches (strict)
-    "model_edit_offset": "xDiT Model to MODEL refuses ComfyUI's ref_latents_method (a string, not a per-row "
-                         "tensor: comfy_model.PoolDiffusionModel._forward), which ComfyUI's QwenImage passes once "
-                         "FluxKontextMultiReferenceLatentMethod sets a method",
-}
+XFAIL: dict = {}  # case -> reason, for real mismatches (strict); none now
 
 PARAMS = [(1, "auto"), (2, "cfg_parallel"), (2, "ulysses")]
 IDS = ["1rank", "2ranks-cfg_parallel", "2ranks-ulysses"]

@@ -88,7 +88,7 @@ class QwenImageFamily(Family):
     latent_format = WAN21_LATENT  # ComfyUI's QwenImage uses latent_formats.Wan21 (the Wan 2.1 VAE, one frame)
     patch_size = PATCH
     conditioning = ("context",)
-    comfy_inputs = {"context": "context", "ref_latents": "ref_latents"}
+    comfy_inputs = {"context": "context", "ref_latents": "ref_latents", "ref_latents_offset": "ref_latents_offset"}
     presets = QWEN_PRESETS
     guided = True          # Qwen-Image runs at cfg 2.5-4 with a negative prompt
     own_processors = True  # ComfyUI's RoPE ids (not diffusers' QwenEmbedRope) reach attention through ours
@@ -163,7 +163,9 @@ class QwenImageFamily(Family):
         rows, cols = self.token_grid(tuple(x.shape))
         refs = cond.get("ref_latents") or []
         ids = [image_ids(rows, cols)]
-        ids += reference_ids(refs, cond.get("ref_method", "index"))
+        # the method: prepare_conditioning's (the Sampler path), or the MODEL path's flag
+        method = cond.get("ref_method") or ("offset" if "ref_latents_offset" in cond else "index")
+        ids += reference_ids(refs, method)
         image_len = sum(len(i) for i in ids)
         start = max(cols // 2, rows // 2)
         txt_ids = torch.arange(start, start + context.shape[1]).float()[:, None].repeat(1, 3)
