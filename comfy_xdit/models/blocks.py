@@ -38,6 +38,14 @@ class BlockLayout:
             setattr(transformer, name, None)
         return transformer
 
+    def make_resident(self, transformer, stage: tuple[int, int] | None = None, fp8: bool = False):
+        """A loader's residency before any tensor is read: only `stage`'s blocks (keep_stage), fp8 storage."""
+        if stage is not None:
+            self.keep_stage(transformer, *stage)
+        if fp8:
+            self.store_fp8(transformer)
+        return transformer
+
     def store_fp8(self, transformer):
         """fp8 storage (models/fp8.py) for the Linear weights inside the blocks (99%+ of a DiT's parameters).
         The rest stays in the compute dtype, so the first parameter still tells the compute dtype."""

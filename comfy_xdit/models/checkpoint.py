@@ -84,21 +84,28 @@ def scaled_fp8_keys(keys) -> tuple[list, dict]:
 
 
 def scaled_fp8_state_dict(model: torch.nn.Module, dtype=None) -> dict:
-    """The model's state dict as ComfyUI's scaled-fp8 files hold it: every Linear weight as float8_e4m3fn
-    (weight / its absmax-derived scale) with a ``<module>.scale_weight`` beside it, the Linear biases plain fp8
-    (ComfyUI's scaled-fp8 ops hold them in fp8 too), everything else in ``dtype`` (None: as is), and the
-    ``scaled_fp8`` marker. Keys are the model's own (a family writer renames them)."""
+    """The model's state dict as ComfyUI's scaled-fp8 files hold it (scaled_fp8, with every Linear's weight and
+    bias). Keys are the model's own (a family writer renames them)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    sd = model.state_dict()
+    return scaled_fp8(sd, {f"{n}.weight" for n in linear}, {f"{n}.bias" for n in linear if f"{n}.bias" in sd}, dtype)
+
+
+def scaled_fp8(sd: dict, weights: set, biases: set, dtype=None) -> dict:
+    """A state dict as ComfyUI's scaled-fp8 files hold it: each key in `weights` as float8_e4m3fn (weight / its
+    absmax-derived scale) with a ``<module>.scale_weight`` beside it, the `biases` plain fp8 (ComfyUI's scaled-fp8
+    ops hold Linear biases in fp8 too), everything else in ``dtype`` (None: as is), and the ``scaled_fp8``
+    marker."""
     from .fp8 import FP8
 
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in sd.items():
         v = v.detach()
-        if k in linear:
+        if k in weights:
             scale = (v.float().abs().max() / torch.finfo(FP8).max).clamp(min=1e-12)
             out[k] = (v.float() / scale).to(FP8)
             out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
-        elif k.endswith(".bias") and k[:-len("bias")] + "weight" in linear:
+        elif k in biases:
             out[k] = v.to(FP8)
         else:
             out[k] = v.to(dtype or v.dtype)
@@ -187,6 +194,35 @@ def guess_content(keys) -> str:
         if any(k.startswith(prefixes) for k in keys):
             return f"this looks like {name}"
     return "is this an SD/SDXL UNet or a VAE/text encoder?"
+
+
+def checked_meta_model(model_class, config: dict, shapes: dict, label: str) -> torch.nn.Module:
+    """The model for `config` built on the meta device, its state checked against `shapes` (the file's tensors
+    under the model's own names, meta tensors do): CheckpointError for missing or unexpected keys and for
+    shapes that do not fit, each naming a few. Nothing is read."""
+    with torch.device("meta"):
+        model = model_class(**config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        blocks = f" with {config['num_layers']} blocks" if "num_layers" in config else ""
+        raise CheckpointError(f"{len(missing)} keys missing for a {label} transformer{blocks}, e.g. {missing[:5]}")
+    left = sorted(set(shapes) - set(expected))
+    if left:
+        raise CheckpointError(f"{len(left)} unexpected keys for a {label} transformer, e.g. {left[:5]}")
+    bad = [f"{k}: {tuple(shapes[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+           if shapes[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"tensor shapes do not fit the inferred {label} config, e.g. {bad[:3]}")
+    return model
+
+
+def resident_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """State key -> the dtype each resident tensor is kept in: fp8 where fp8 storage put it, else `dtype` (one
+    dtype for the rest, as ComfyUI runs these models and the random presets are built)."""
+    from .fp8 import FP8
+
+    return {k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
 
 
 def assign_state_dict(model: torch.nn.Module, sd: dict, path) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,  # noqa: F401
-                         key_sample, meta_shapes, num_blocks, read_header, read_state_dict, read_tensors,
+                         key_sample, meta_shapes, num_blocks, read_header, read_tensors,
                          scaled_fp8_keys, stored_dtypes, with_path)
 from ..blocks import BlockLayout
 from ..fp8 import FP8

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blocks import BlockLayout
-from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,
-                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, scaled_fp8_keys,
-                          scaled_fp8_state_dict, stored_dtypes, with_path)
-from ..fp8 import FP8
+from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, checked_meta_model, diffusion_model_keys,
+                          guess_content, key_sample, meta_shapes, num_blocks, read_header, read_tensors,
+                          resident_dtypes, scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes, with_path)
 
 # the time embedder stays on every PipeFusion stage (each block is modulated by it); the image and text input
 # projections run on the first stage only
@@ -128,26 +127,9 @@ def load_qwen_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = 
     path = os.fspath(path)
     try:
         info, prefix, shapes, scales = _inspect(path)
-        with torch.device("meta"):
-            model = QwenImageTransformer2DModel(**info.config)
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in shapes]
-        if missing:
-            raise CheckpointError(f"{len(missing)} keys missing for a Qwen-Image transformer with "
-                                  f"{info.config['num_layers']} blocks, e.g. {missing[:5]}")
-        left = sorted(set(shapes) - set(expected))
-        if left:
-            raise CheckpointError(f"{len(left)} unexpected keys for a Qwen-Image transformer, e.g. {left[:5]}")
-        bad = [f"{k}: {tuple(shapes[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-               if shapes[k].shape != v.shape]
-        if bad:
-            raise CheckpointError(f"tensor shapes do not fit the inferred Qwen-Image config, e.g. {bad[:3]}")
-        if stage is not None:
-            QWEN_BLOCKS.keep_stage(model, *stage)
-        if fp8:
-            QWEN_BLOCKS.store_fp8(model)
-        # one dtype for every resident tensor, as ComfyUI runs it and the random presets are built
-        reads = {prefix + k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
+        model = checked_meta_model(QwenImageTransformer2DModel, info.config, shapes, "Qwen-Image")
+        QWEN_BLOCKS.make_resident(model, stage, fp8)
+        reads = {prefix + k: t for k, t in resident_dtypes(model, dtype).items()}
         sd = read_tensors(path, list(reads), dtype=reads, device=device, progress=progress, expected=QWEN_EXPECTED,
                           scales=scales)
         sd = {k[len(prefix):]: v for k, v in sd.items()}

@@ -19,10 +19,10 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from ..blocks import BlockLayout
-from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,
-                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, SCALED_FP8,
-                          scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes, with_path)
-from ..fp8 import FP8
+from ..checkpoint import (COMFY_PREFIX, SCALED_FP8, CheckpointError, assign_state_dict, checked_meta_model,
+                          diffusion_model_keys, guess_content, key_sample, meta_shapes, num_blocks, read_header,
+                          read_tensors, resident_dtypes, scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes,
+                          with_path)
 
 # the time and text embedders stay on every PipeFusion stage: each block takes the timestep projection and
 # cross-attends to the projected text
@@ -186,27 +186,9 @@ def load_wan_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: bool = F
     path = os.fspath(path)
     try:
         info, prefix, names, diff_shapes, scales = _inspect(path)
-        with torch.device("meta"):
-            model = WanTransformer3DModel(**info.config)
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in diff_shapes]
-        if missing:
-            raise CheckpointError(f"{len(missing)} keys missing for a Wan transformer with "
-                                  f"{info.config['num_layers']} blocks, e.g. {missing[:5]}")
-        left = sorted(set(diff_shapes) - set(expected))
-        if left:
-            raise CheckpointError(f"{len(left)} unexpected keys for a Wan transformer, e.g. {left[:5]}")
-        bad = [f"{k}: {tuple(diff_shapes[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-               if diff_shapes[k].shape != v.shape]
-        if bad:
-            raise CheckpointError(f"tensor shapes do not fit the inferred Wan config, e.g. {bad[:3]}")
-        if stage is not None:
-            WAN_BLOCKS.keep_stage(model, *stage)
-        if fp8:
-            WAN_BLOCKS.store_fp8(model)
-        # every resident tensor in the dtype it is kept in (one dtype, as ComfyUI runs Wan and as the random
-        # presets are built; diffusers' from_pretrained would keep its norms and modulation tables in fp32)
-        want = {k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
+        model = checked_meta_model(WanTransformer3DModel, info.config, diff_shapes, "Wan")
+        WAN_BLOCKS.make_resident(model, stage, fp8)
+        want = resident_dtypes(model, dtype)
         file_key = {d: prefix + f for f, d in names.items()}
         reads = {file_key[k]: t for k, t in want.items()}
         sd = read_tensors(path, list(reads), dtype=reads, device=device, progress=progress, expected=WAN_EXPECTED,
