@@ -6,12 +6,14 @@
     python -m comfy_xdit.bench --vae --px 2048,4096,8192 --gpus 1,2
     python -m comfy_xdit.bench --preset wan2.1-t2v-14b --px 832x480 --frames 81 --cfg 5 --steps 40 --gpus 1,2
     python -m comfy_xdit.bench --preset qwen-image --px 1328 --cfg 4 --steps 50 --text-tokens 128 --gpus 1,2
+    python -m comfy_xdit.bench --preset pixart-sigma-xl-2-2048 --px 2048 --cfg 4.5 --steps 20 --text-tokens 120
 
 Full-size random-weight models (shapes, not values, decide speed). For every GPU count,
 strategy, resolution and compile setting: one warm-up request, then one timed request of
 `steps` steps. Prints one table: seconds end to end, the workers' own denoise time, pool
 overhead (end to end minus denoise), speedup over a 1-GPU run of the family's diffusers pipeline
-(FluxPipeline, StableDiffusion3Pipeline, WanPipeline, QwenImagePipeline; latent out, no text encoder or VAE)
+(FluxPipeline, StableDiffusion3Pipeline, WanPipeline, QwenImagePipeline, PixArtAlphaPipeline / PixArtSigmaPipeline;
+latent out, no text encoder or VAE)
 in the same call (--baseline), TFLOP/s per GPU from the shapes, and peak memory per GPU. A sampling request
 that runs out of memory is reported as a row too (refused, or failed where a worker died).
 
@@ -46,9 +48,17 @@ def flops_per_step(config: dict, image_tokens: int, text_tokens: int) -> float:
     """Matmul + attention FLOPs of one forward (batch 1), counted from the shapes: MM-DiTs (Flux: double + single
     blocks; SD3: joint blocks, plus SD3.5 Medium's image-only attn2; Qwen-Image: 60 dual-stream blocks, each one
     of Flux's double blocks: q, k, v, o and a 4x GELU MLP per stream, every token through its own stream's
-    weights, and joint attention over text + image) and Wan (self-attention, cross-attention to the text, FFN per
-    block). Per-sample work (modulation linears on the timestep embedding, the embedders) is not counted."""
+    weights, and joint attention over text + image), Wan (self-attention, cross-attention to the text, FFN per
+    block) and PixArt (the same three per block: self-attention over the image tokens, cross-attention to the T5
+    text, a 4x GELU-tanh MLP). Per-sample work (modulation linears on the timestep embedding, the embedders,
+    PixArt's caption projection) is not counted."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
+    if "caption_channels" in config:  # PixArt: every block is self-attention, cross-attention, MLP d -> 4d -> d
+        s, t = image_tokens, text_tokens
+        block = (2 * s * d * 4 * d + 4 * s * s * d            # self-attention: q, k, v, o; QK^T and PV
+                 + 2 * s * d * 2 * d + 2 * t * d * 2 * d + 4 * s * t * d  # cross: q, o; k, v of the text
+                 + 2 * s * d * 4 * d * 2)                      # MLP
+        return config["num_layers"] * block
     if "ffn_dim" in config:  # Wan
         s, t = image_tokens, text_tokens
         block = (2 * s * d * 4 * d + 4 * s * s * d            # self-attention: q, k, v, o; QK^T and PV
@@ -91,12 +101,30 @@ QWEN_IMAGE_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigma
                             use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
 
 
+# PixArt-alpha/PixArt-Sigma-XL-2-*-MS's scheduler (diffusers' scripts/convert_pixart_sigma_to_diffusers.py saves a
+# default DPMSolverMultistepScheduler: DPM-Solver++ 2M on the linear 0.0001..0.02 betas, eps prediction), spelled
+# out so that a change of diffusers' defaults cannot change the baseline. One model call a step, as the pool's
+# euler / simple (the bench's sampler there): the two differ only in the per-step update, a few latent-sized ops.
+PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        solver_order=2, prediction_type="epsilon", algorithm_type="dpmsolver++",
+                        solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace", steps_offset=0)
+
+
+def text_width(config: dict) -> int:
+    """The width of the text states the transformer takes (what its text encoder gives)."""
+    for key in ("joint_attention_dim", "caption_channels", "text_dim"):  # MM-DiTs, PixArt (T5-XXL), Wan
+        if config.get(key):
+            return config[key]
+    raise KeyError(f"no text width in the config ({sorted(config)})")
+
+
 def diffusers_pipeline(family, config: dict, px, text_tokens: int, cfg: float = 1.0, frames: int = 0,
                        device="cuda"):
     """The family's plain diffusers pipeline around a random-weight transformer (bf16 on CUDA, fp32 on CPU) with
     random text embeddings in place of the text encoders, and no VAE -> run(steps), a latent-out denoise of
     `steps` steps (cfg > 1: with a negative prompt); run.pipe is the pipeline. px: a side or (width, height)."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
+    from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           PixArtAlphaPipeline, PixArtSigmaPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
                            WanPipeline)
 
     width, height = (px, px) if isinstance(px, int) else px
@@ -127,6 +155,27 @@ def diffusers_pipeline(family, config: dict, px, text_tokens: int, cfg: float = 
         def run(n):
             pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=cfg, height=height, width=width,
                  num_inference_steps=n, max_sequence_length=text_tokens, output_type="latent", **negative)
+            sync()
+        run.pipe = pipe
+        return run
+    if family.name == "pixart":
+        # PixArtSigmaPipeline (PixArtAlphaPipeline for a model with α's micro-conditions, which it then feeds the
+        # image size and aspect ratio, as ComfyUI's defaults do) with the T5 output given: prompt_embeds [1, T, 4096]
+        # and a mask of ones (required with embeddings; an all-zero bias on the cross-attention), the negative alike;
+        # cfg > 1: one batch-2 forward a step (cond and uncond batched, as the pool does on 1 GPU). No resolution
+        # binning: it would move the size to the nearest of the release's aspect-ratio bins. No VAE: vae_scale_factor
+        # falls back to 8.
+        cls = PixArtAlphaPipeline if config.get("use_additional_conditions") else PixArtSigmaPipeline
+        pipe = cls(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                   scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
+        embeds = torch.randn(1, text_tokens, text_width(config), device=device, dtype=dtype)
+        mask = torch.ones(1, text_tokens, dtype=torch.long, device=device)
+
+        def run(n):
+            pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=embeds,
+                 negative_prompt_attention_mask=mask, negative_prompt=None, guidance_scale=cfg, height=height,
+                 width=width, num_inference_steps=n, use_resolution_binning=False,
+                 max_sequence_length=text_tokens, output_type="latent")
             sync()
         run.pipe = pipe
         return run
@@ -176,20 +225,21 @@ def _progress(label: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flux-dev", choices=sorted(all_presets()))
-    p.add_argument("--cfg", type=float, default=1.0, help="cfg > 1 runs a negative prompt (SD3: 4.5)")
+    p.add_argument("--cfg", type=float, default=1.0, help="cfg > 1 runs a negative prompt (SD3, PixArt: 4.5)")
     p.add_argument("--px", default="1024", help="sizes, comma-separated: 1024 (square) or 832x480 (width x height)")
     p.add_argument("--frames", type=int, default=0, help="video families: pixel frames (Wan: 81)")
     p.add_argument("--gpus", default="1,2")
     p.add_argument("--strategies", default="ulysses,ring")
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--text-tokens", type=int, default=512, help="text states per prompt (PixArt: 120 to 300)")
     p.add_argument("--kernel", default=None, help="attention kernel: cudnn, flash, efficient (default: cudnn)")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"])
     p.add_argument("--pipeline-patches", type=int, default=2, help="pipefusion: row patches per step")
     p.add_argument("--warmup-steps", type=int, default=1, help="pipefusion: synchronous steps first")
     p.add_argument("--baseline", action="store_true",
                    help="also time the family's diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline, "
-                        "WanPipeline, QwenImagePipeline) on 1 GPU (--device cpu: on the CPU, fp32)")
+                        "WanPipeline, QwenImagePipeline, PixArtSigmaPipeline / PixArtAlphaPipeline) on 1 GPU "
+                        "(--device cpu: on the CPU, fp32)")
     p.add_argument("--baseline-from", default=None, metavar="JSON",
                    help="speedups over the diffusers times in an earlier run's --json (same preset, steps, cfg, "
                         "text tokens), e.g. a 1-GPU run with --baseline before a 2-GPU one")
@@ -248,7 +298,7 @@ def main(argv=None) -> int:
                     for px in resolutions:
                         g = torch.Generator().manual_seed(0)
                         shape = latent_shape(family, config, px, args.frames)
-                        width = config.get("joint_attention_dim") or config["text_dim"]
+                        width = text_width(config)
                         tensors = {"positive.context": torch.randn(1, args.text_tokens, width, generator=g).bfloat16(),
                                    "latent": torch.zeros(shape)}
                         if "pooled_projection_dim" in config:

@@ -87,6 +87,62 @@ def test_qwen_diffusers_baseline_runs_true_cfg():
         assert seen == [((1, 6 * 4, 64), (1, 8, 64))] * forwards  # 64x96 px: 4x6 tokens of 2x2x16
 
 
+def test_pixart_flops_and_tokens():
+    """PixArt-Σ at 2048 px: a 256x256 latent of 4 channels, 128x128 = 16,384 image tokens; per forward 28 blocks of
+    self-attention (q, k, v, o: 8 s d^2; 4 s^2 d), cross-attention (q, o on the image: 4 s d^2; k, v on the text:
+    4 t d^2; 4 s t d) and a 4x MLP (16 s d^2); the T5 text width (caption_channels) is 4096."""
+    family = family_for_preset("pixart-sigma-xl-2-2048")
+    config = family.preset_config("pixart-sigma-xl-2-2048")
+    shape = bench.latent_shape(family, config, (2048, 2048), 0)
+    assert shape == (1, 4, 256, 256) and family.token_grid(shape) == (128, 128)
+    assert bench.text_width(config) == 4096
+    s, t, d = 16384, 120, 1152
+    flops = bench.flops_per_step(config, s, t)
+    assert flops == 28 * (28 * s * d * d + 4 * t * d * d + 4 * s * s * d + 4 * s * t * d)  # ~51.9 TFLOP
+    assert 51e12 < flops < 53e12
+
+
+def test_bench_runs_pixart(tmp_path, capsys):
+    """PixArt-Σ through the pool, cfg 4.5 with a negative prompt (cfg_parallel and Ulysses over 2 ranks), beside
+    diffusers' PixArtSigmaPipeline on the CPU where transformers is installed."""
+    out = tmp_path / "pixart.json"
+    baseline = ["--baseline"] if HAS_TRANSFORMERS else []
+    assert bench.main(["--device", "cpu", "--preset", "tiny-pixart-sigma", "--px", "64", "--cfg", "4.5", "--steps",
+                       "2", "--text-tokens", "8", "--gpus", "2", "--strategies", "cfg_parallel,ulysses", "--json",
+                       str(out)] + baseline) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["strategy"], r["layout"], r["px"]) for r in rows] == [
+        ("cfg_parallel", {"cfg_degree": 2}, "64x64"), ("ulysses", {"ulysses_degree": 2}, "64x64")]
+    assert all(r["seconds"] >= r["denoise_s"] > 0 and r["tflops_per_gpu"] >= 0 for r in rows)
+    if HAS_TRANSFORMERS:
+        assert result["baselines"]["64x64"] > 0 and all(r["speedup_vs_diffusers"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="diffusers' PixArt pipelines need transformers")
+def test_pixart_diffusers_baseline_runs_cfg_in_one_batch():
+    """The baseline's PixArt pipelines: Σ's for Σ, α's (with the size / aspect-ratio micro-conditions) for α; one
+    batch-2 forward a step with cfg (batch 1 without), at the asked size (no resolution binning), on the given
+    T5 states."""
+    for preset, cls, micro in (("tiny-pixart-sigma", "PixArtSigmaPipeline", None),
+                               ("tiny-pixart-alpha", "PixArtAlphaPipeline", [96.0, 64.0])):
+        family = family_for_preset(preset)
+        config = family.preset_config(preset)
+        for cfg, batch in ((4.5, 2), (1.0, 1)):
+            run = bench.diffusers_pipeline(family, config, (64, 96), 8, cfg=cfg, device="cpu")
+            assert type(run.pipe).__name__ == cls
+            assert type(run.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+            seen = []
+            run.pipe.transformer.register_forward_hook(
+                lambda _m, args, kw, _out: seen.append((tuple(args[0].shape), tuple(kw["encoder_hidden_states"].shape),
+                                                        kw["added_cond_kwargs"]["resolution"])), with_kwargs=True)
+            run(2)
+            assert [(x, c) for x, c, _ in seen] == [((batch, 4, 12, 8), (batch, 8, 64))] * 2  # 64x96 px: 8x12 latent
+            assert all((r is None) == (micro is None) for _, _, r in seen)
+            if micro:
+                assert seen[0][2].tolist() == [micro] * batch  # [height, width] in pixels
+
+
 def test_bench_records_sampling_out_of_memory(tmp_path, monkeypatch):
     """A layout let through at load that runs out of memory while sampling is a row, not a crash: refused (the
     pool's memory error) or failed (a worker died; that pool's remaining runs are skipped, the exit status is 1)."""
