@@ -61,7 +61,7 @@ def test_renaming_both_ways(preset):
     assert torch.equal(final[width:], sd["norm_out.linear.weight"][:width])
     # the second half's blocks carry the skip modules, the first half's do not
     n = model.config.num_layers
-    assert "blocks.%d.skip_linear.weight" % (n // 2 + 1) in orig and "blocks.%d.skip_linear.weight" % (n // 2) not in orig
+    assert f"blocks.{n // 2 + 1}.skip_linear.weight" in orig and f"blocks.{n // 2}.skip_linear.weight" not in orig
     assert ("style_embedder.weight" in orig) == model.config.use_style_cond_and_image_meta_size
     _same(diffusers_from_original(orig), sd)
     _same(original_from_diffusers(diffusers_from_original(orig)), orig)
