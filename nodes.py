@@ -139,6 +139,16 @@ def _conditioning(cond, name: str) -> Conditioning:
     # TextEncodeQwenImageEdit / ReferenceLatent (Qwen-Image-Edit): VAE-space latents, numbered in order
     for i, ref in enumerate(extra.get("reference_latents") or []):
         tensors[f"ref_latents.{i}"] = ref
+    # HunyuanDiT's text encoders (CLIPLoader type hunyuan_dit: BERT + mT5), named as comfy.model_base.HunyuanDiT
+    # passes them; the masks stay integer
+    for key, name_ in (("attention_mask", "text_embedding_mask"), ("conditioning_mt5xl", "encoder_hidden_states_t5"),
+                       ("attention_mask_mt5xl", "text_embedding_mask_t5")):
+        if extra.get(key) is not None:
+            tensors[name_] = extra[key]
+    if extra.get("target_width") is not None and extra.get("width") is not None:  # CLIPTextEncodeSDXL-style sizes
+        tensors["image_meta_size"] = torch.tensor([[float(extra["height"]), float(extra["width"]),
+                                                    float(extra.get("target_height", extra["height"])),
+                                                    float(extra["target_width"]), 0.0, 0.0]])
     # CLIPTextEncodePixArtAlpha's size (PixArt-α's micro-conditions), as comfy.model_base.PixArt turns it into c_size
     # / c_ar; families without micro-conditions ignore them
     if extra.get("width") is not None and extra.get("height") is not None:

@@ -171,7 +171,7 @@ def check_memory(family: Family, config: dict, parallel: ParallelConfig, storage
     if estimate.total <= free_bytes:
         return estimate
     pp, n = parallel.pipefusion_degree, len(_parts(family, _key(config)).blocks)
-    more = [p for p in _divisors(group) if pp < p <= n]
+    more = [p for p in _divisors(group) if pp < p <= n] if family.pipefusion else []
     fp8 = "fp8_e4m3fn"
     options = ([(pp, fp8)] if storage != fp8 else []) + [(p, storage) for p in more] + \
         ([(p, fp8) for p in more] if storage != fp8 else [])
@@ -181,8 +181,10 @@ def check_memory(family: Family, config: dict, parallel: ParallelConfig, storage
         hint = f"; {_describe(fits[0], fits[1], ' with ')} would need {fits[2] / GB:.1f} GB"
     elif sized:
         hint = f"; even {_describe(*sized[-1][:2], ' with ')} would need {sized[-1][2] / GB:.1f} GB: use more GPUs"
-    else:
+    elif family.pipefusion:
         hint = "; use more GPUs (pipefusion splits the blocks over them)"
+    else:
+        hint = f"; {family.label} cannot split its blocks over GPUs (no PipeFusion): use a GPU with more free memory"
     raise NotEnoughMemory(f"needs {estimate.total / GB:.1f} GB per GPU with {_describe(pp, storage, ' and ')}; "
                           f"{free_bytes / GB:.1f} GB free on {device}{hint}")
 
@@ -203,7 +205,8 @@ def auto_layout(family: Family, config: dict, world_size: int, storage: str, fre
     """The "auto" strategy with memory in mind: sequence parallelism over every rank when the weights fit
     (fastest), else the fewest PipeFusion stages that fit (sequence parallel inside each), and only then
     fp8 storage of bf16 weights, which changes the numbers a little. NotEnoughMemory when nothing fits."""
-    stages = [p for p in _divisors(world_size) if p <= len(_parts(family, _key(config)).blocks)]
+    stages = [p for p in _divisors(world_size) if p <= len(_parts(family, _key(config)).blocks)
+              and (p == 1 or family.pipefusion)]
     storages = [storage] + (["fp8_e4m3fn"] if storage == "bf16" else [])
     for s in storages:
         for pp in stages:

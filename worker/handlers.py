@@ -23,7 +23,7 @@ from comfy_xdit.models.family import all_presets, family_for_preset, read_info
 from comfy_xdit.models.lora import LoraError, LoraMerger, model_shapes
 from comfy_xdit.imageops import fit_image
 from comfy_xdit.pipefusion import PipeFusionOptions
-from comfy_xdit.pipefusion.stage import PipeFusionModel
+from comfy_xdit.pipefusion.stage import PipeFusionModel, check_pipefusion
 from comfy_xdit.sampling import SAMPLERS, SCHEDULERS, sample
 from comfy_xdit.stepwise import CondCache, comfy_name, forward_rows, indexed_lists, join_chunks, pad_to_patches
 from comfy_xdit.vae import loader as vae_loader
@@ -304,6 +304,7 @@ class WorkerState:
             mesh, stage = self._mesh(parallel), None
             if pipefusion:  # this rank reads only its stage's blocks
                 try:
+                    check_pipefusion(family)  # before any weight is read
                     stage_blocks = args.get("stage_blocks")  # blocks per stage, else balanced by parameters
                     options = PipeFusionOptions(num_pipeline_patch=int(args.get("num_pipeline_patch", 2)),
                                                 warmup_steps=int(args.get("warmup_steps", 1)),

@@ -91,6 +91,15 @@ def scaled_fp8_state_dict(model: torch.nn.Module, dtype=None) -> dict:
     return scaled_fp8(sd, {f"{n}.weight" for n in linear}, {f"{n}.bias" for n in linear if f"{n}.bias" in sd}, dtype)
 
 
+def scaled_fp8_renamed(model: torch.nn.Module, renamed: dict, layout_name: dict, dtype=None) -> dict:
+    """scaled_fp8 of the model's state in another layout: `renamed` is that layout's state dict, `layout_name` maps
+    each model key to its key there (several model keys may share one: a fused qkv, scaled whole)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    weights = {layout_name[f"{n}.weight"] for n in linear}
+    biases = {layout_name[f"{n}.bias"] for n in linear if f"{n}.bias" in layout_name}
+    return scaled_fp8(renamed, weights, biases, dtype)
+
+
 def scaled_fp8(sd: dict, weights: set, biases: set, dtype=None) -> dict:
     """A state dict as ComfyUI's scaled-fp8 files hold it: each key in `weights` as float8_e4m3fn (weight / its
     absmax-derived scale) with a ``<module>.scale_weight`` beside it, the `biases` plain fp8 (ComfyUI's scaled-fp8

@@ -66,6 +66,9 @@ class Family:
     # ModelSamplingFlux); a number switches to discrete flow at that multiplier (Qwen-Image: ComfyUI's
     # ModelSamplingAuraFlow, 1.0), on both the Sampler (xDiT) and the MODEL path
     shift_multiplier: float | None = None
+    # PipeFusion can split this family's blocks over stages (False: HunyuanDiT, whose long skips would have to
+    # cross stages): auto never picks it, and a PipeFusion layout is refused before any weight is read
+    pipefusion = True
 
     # --- checkpoints ---------------------------------------------------------------------------
     def detect(self, keys) -> str | None:

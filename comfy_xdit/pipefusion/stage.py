@@ -26,6 +26,14 @@ def token_index(patch: Patch, text_len: int) -> tuple[torch.Tensor, torch.Tensor
     return joint, joint[:patch.text_len], joint[patch.text_len:] - text_len
 
 
+def check_pipefusion(family) -> None:
+    """A family whose blocks PipeFusion cannot split (Family.pipefusion False) is refused with the way out."""
+    if not family.pipefusion:
+        raise ValueError(f"PipeFusion cannot run {family.label} (its blocks pass tensors to later blocks that may "
+                         "lie on another stage): load the model with another strategy (ulysses, ring, "
+                         "cfg_parallel, data_parallel)")
+
+
 class DiTStage:
     """Blocks [start, stop) of one transformer on this rank; every other block is dropped.
 
@@ -151,6 +159,7 @@ class PipeFusionModel:
         mesh = model.mesh
         if mesh is None:
             raise ValueError("PipeFusion needs a mesh with a pipeline (pp) axis")
+        check_pipefusion(model.family)
         self.model, self.mesh, self.options = model, mesh, options
         self.link = StageLink(mesh.group("pp"))
         options.validate(self.link.size, len(model.family.blocks.blocks(model.transformer)))

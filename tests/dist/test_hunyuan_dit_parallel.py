@@ -77,7 +77,7 @@ def _rank_main(rank: int, world_size: int, paths: dict, seed: int, configs: dict
             for text in texts:
                 for kind, x in _run(model, _inputs(seed, text, configs[preset], batch, hw), guided).items():
                     results[(name, preset, kind, text)] = x
-    if world_size == 2:  # PipeFusion's stages would split the skip pairs: refused when the stage is built
+    if world_size == 2:  # PipeFusion's stages would split the skip pairs: refused
         model = DiTModel.load(paths["tiny-hunyuan-dit"], dtype=torch.float32,
                               mesh=build_mesh(ParallelConfig(pipefusion_degree=2), "cpu"))
         try:
@@ -133,7 +133,7 @@ def test_parallel_matches_single_process(parallel, reference, world_size, name, 
 
 def test_pipefusion_is_refused(parallel):
     for results in parallel(2):
-        assert "PipeFusion cannot run HunyuanDiT: its long skips" in results["pipefusion"]
+        assert "PipeFusion cannot run HunyuanDiT" in results["pipefusion"]
 
 
 def test_reference_is_not_trivial(reference, checkpoints):

@@ -136,7 +136,7 @@ def test_bad_requests_fail_clearly_and_the_pool_lives_on(pool2, checkpoint, tmp_
     from safetensors.torch import save_file
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, str(not_flux))
     with pytest.raises(RequestFailed, match="not a diffusion transformer this pack knows .*Known families: Flux.1, "
-                                            "PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5"):
+                                            "HunyuanDiT, PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5"):
         pool2.request("load_model", {"path": str(not_flux)})
     key = _load(pool2, checkpoint)
     with pytest.raises(RequestFailed, match="does not split into 2x2 patches: Flux.1 needs image sizes that are "

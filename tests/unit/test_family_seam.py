@@ -25,7 +25,7 @@ CORE = ["comfy_xdit/config.py", "comfy_xdit/mesh.py", "comfy_xdit/memory.py", "c
         "comfy_xdit/models/family.py", "comfy_xdit/models/blocks.py", "comfy_xdit/models/checkpoint.py",
         "comfy_xdit/models/lora.py", "comfy_xdit/models/joint_attention.py", "worker", "nodes.py",
         "comfy_model.py", "comfy_xdit/stepwise.py"]
-FAMILY_WORD = re.compile(r"flux|sd3|sd35|mmdit|qwen|pixart", re.IGNORECASE)
+FAMILY_WORD = re.compile(r"flux|sd3|sd35|mmdit|qwen|pixart|hunyuan|hydit", re.IGNORECASE)
 COMFY_API = {"convert_diffusers_mmdit"}  # ComfyUI's own function names, called by the comfy-facing code
 
 
@@ -70,8 +70,8 @@ def test_unknown_file_lists_the_known_families(tmp_path):
         detect_family(path)
     msg = str(e.value)
     assert msg.startswith(str(path)) and "an SD/SDXL UNet" in msg
-    assert "Known families: Flux.1, PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2" in msg
-    assert known_families() == "Flux.1, PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2"
+    assert "Known families: Flux.1, HunyuanDiT, PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2" in msg
+    assert known_families() == "Flux.1, HunyuanDiT, PixArt-α / PixArt-Σ, Qwen-Image, SD3 / SD3.5, Wan 2.1 / 2.2"
 
 
 def test_presets_resolve_to_their_family():

@@ -224,8 +224,13 @@ def test_sampling_latents_and_checks():
 
 
 def test_pipefusion_is_refused():
-    from comfy_xdit.pipefusion.stale_kv import PatchWindow, StaleKVAttention
+    """Refused before any weight is read (the worker's load and PipeFusionModel), and never picked by auto."""
+    from comfy_xdit.memory import auto_layout
+    from comfy_xdit.pipefusion.stage import check_pipefusion
 
-    state = ShardState(StaleKVAttention(PatchWindow(), 0, attend=None))
-    with pytest.raises(ValueError, match="PipeFusion cannot run HunyuanDiT: its long skips"):
-        HUNYUAN_DIT.processor(state)
+    assert HUNYUAN_DIT.pipefusion is False
+    with pytest.raises(ValueError, match="PipeFusion cannot run HunyuanDiT"):
+        check_pipefusion(HUNYUAN_DIT)
+    config = HUNYUAN_DIT.preset_config("hunyuan-dit-v1.2")
+    layout, storage = auto_layout(HUNYUAN_DIT, config, 2, "bf16", int(2.5e9), "cuda:0")  # bf16 needs ~3.3 GB
+    assert layout.pipefusion_degree == 1 and storage == "fp8_e4m3fn"

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blocks import BlockLayout
-from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, diffusion_model_keys, guess_content,
-                          key_sample, meta_shapes, num_blocks, read_header, read_tensors, SCALED_FP8,
-                          scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes, with_path)
-from ..fp8 import FP8
+from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, checked_meta_model, diffusion_model_keys,
+                          guess_content, key_sample, meta_shapes, num_blocks, read_header, read_tensors,
+                          resident_dtypes, scaled_fp8_keys, scaled_fp8_renamed, scaled_fp8_state_dict, stored_dtypes,
+                          with_path)
 
 # The text projection (text_embedder), the learned text padding and the time / pooled-text / size / style
 # embedding (time_extra_emb) stay on every stage: each block takes the modulation and cross-attends to the text.
@@ -277,26 +277,10 @@ def load_hunyuan_dit_transformer(path, dtype=torch.bfloat16, device="cpu", fp8: 
     path = os.fspath(path)
     try:
         info, prefix, names, diff_shapes, scales = _inspect(path)
-        with torch.device("meta"):
-            model = HunyuanDiT2DModel(**info.config)
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in diff_shapes]
-        if missing:
-            raise CheckpointError(f"{len(missing)} keys missing for a HunyuanDiT transformer with "
-                                  f"{info.config['num_layers']} blocks, e.g. {missing[:5]}")
-        left = sorted(set(diff_shapes) - set(expected))
-        if left:
-            raise CheckpointError(f"{len(left)} unexpected keys for a HunyuanDiT transformer, e.g. {left[:5]}")
-        bad = [f"{k}: {tuple(diff_shapes[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-               if diff_shapes[k].shape != v.shape]
-        if bad:
-            raise CheckpointError(f"tensor shapes do not fit the inferred HunyuanDiT config, e.g. {bad[:3]}")
-        if stage is not None:
-            HUNYUAN_DIT_BLOCKS.keep_stage(model, *stage)
-        if fp8:
-            HUNYUAN_DIT_BLOCKS.store_fp8(model)
-        # every resident tensor in the dtype it is kept in; a fused file tensor is read once, in its parts' dtype
-        want = {k: FP8 if v.dtype == FP8 else dtype for k, v in model.state_dict().items()}
+        model = checked_meta_model(HunyuanDiT2DModel, info.config, diff_shapes, "HunyuanDiT")
+        HUNYUAN_DIT_BLOCKS.make_resident(model, stage, fp8)
+        # a fused file tensor is read once, in its parts' dtype (all fp8 or none)
+        want = resident_dtypes(model, dtype)
         reads = {prefix + names[k][0]: t for k, t in want.items()}
         sd = read_tensors(path, list(reads), dtype=reads, device=device, progress=progress,
                           expected=HUNYUAN_DIT_EXPECTED, scales=scales)
@@ -329,22 +313,7 @@ def write_hunyuan_dit_checkpoint(model, path, layout: str = "hydit", dtype=None,
 
 
 def _scaled_fp8_original(model, original: dict, dtype) -> dict:
-    """ComfyUI's scaled fp8 (as scaled_fp8_state_dict writes it) of an original-layout state dict: every Linear
-    weight in fp8 over its absmax scale, a fused Wqkv / kv_proj weight whole with one scale, the Linear biases
-    plain fp8, the rest in dtype, and the marker."""
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    name = {d: o for o, ds, _ in _rules(model.config.num_layers) for d in ds}
-    weights = {name[k] for k in linear}
-    biases = {name[k[:-len("weight")] + "bias"] for k in linear if k[:-len("weight")] + "bias" in name}
-    out = {}
-    for k, v in original.items():
-        if k in weights:
-            scale = (v.float().abs().max() / torch.finfo(FP8).max).clamp(min=1e-12)
-            out[k] = (v.float() / scale).to(FP8)
-            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
-        elif k in biases:
-            out[k] = v.to(FP8)
-        else:
-            out[k] = v.to(dtype or v.dtype)
-    out[SCALED_FP8] = torch.empty(0, dtype=FP8)
-    return out
+    """ComfyUI's scaled fp8 of an original-layout state dict (models/checkpoint.scaled_fp8_renamed): a fused
+    Wqkv / kv_proj weight is one Linear there, scaled whole."""
+    return scaled_fp8_renamed(model, original, {d: o for o, ds, _ in _rules(model.config.num_layers) for d in ds},
+                              dtype)

@@ -142,6 +142,7 @@ def _masked(states: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor, nam
 
 class HunyuanDiTFamily(Family):
     name, label = "hunyuan_dit", "HunyuanDiT"
+    pipefusion = False  # the long skips would have to cross stages (the pipeline carries one activation a patch)
     transformer_class = HunyuanDiT2DModel
     blocks = HUNYUAN_DIT_BLOCKS
     latent_format = SDXL_LATENT
@@ -292,12 +293,6 @@ class HunyuanDiTFamily(Family):
         return [(block.attn1, False), (block.attn2, False)]
 
     def processor(self, state, image_only=False):
-        from ...pipefusion.stale_kv import StaleKVAttention
-
-        if isinstance(state.attention, StaleKVAttention):
-            raise ValueError(f"PipeFusion cannot run {self.label}: its long skips carry the first half's block "
-                             "outputs to the second half's blocks, which may lie on another stage; load the model "
-                             "with another strategy (ulysses, ring, cfg_parallel, data parallel)")
         return HunyuanDiTAttnProcessor(state)
 
 

@@ -29,7 +29,7 @@ import torch
 from ..blocks import BlockLayout
 from ..checkpoint import (COMFY_PREFIX, CheckpointError, assign_state_dict, checked_meta_model, diffusion_model_keys,
                           guess_content, key_sample, meta_shapes, num_blocks, read_header, read_tensors,
-                          resident_dtypes, scaled_fp8, scaled_fp8_keys, scaled_fp8_state_dict, stored_dtypes,
+                          resident_dtypes, scaled_fp8_keys, scaled_fp8_renamed, scaled_fp8_state_dict, stored_dtypes,
                           with_path)
 
 # The time embedder (adaln_single) and the caption projection stay on every PipeFusion stage: each block takes
@@ -339,10 +339,7 @@ def write_pixart_checkpoint(model, path, layout: str = "pixart", dtype=None, sca
 
 
 def _scaled_fp8_original(model, original: dict, dtype) -> dict:
-    """ComfyUI's scaled fp8 (models/checkpoint.scaled_fp8) of an original-layout state dict: a fused qkv /
-    kv_linear weight is one Linear there, whole with one scale."""
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    name = {d: o for o, ds, _ in _rules(model.config.num_layers) for d in ds}
-    weights = {name[k] for k in linear}
-    biases = {name[k[:-len("weight")] + "bias"] for k in linear if k[:-len("weight")] + "bias" in name}
-    return scaled_fp8(original, weights, biases, dtype)
+    """ComfyUI's scaled fp8 of an original-layout state dict (models/checkpoint.scaled_fp8_renamed): a fused
+    qkv / kv_linear weight is one Linear there, scaled whole."""
+    return scaled_fp8_renamed(model, original, {d: o for o, ds, _ in _rules(model.config.num_layers) for d in ds},
+                              dtype)
