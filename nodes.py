@@ -165,16 +165,17 @@ def _conditioning(cond, name: str) -> Conditioning:
 
 
 class XDiTModelLoader:
-    DESCRIPTION = ("Loads a diffusion transformer (Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2, Qwen-Image, PixArt-α / Σ) onto a "
-                   "pool of GPU workers that run it in parallel; the family is read from the file.")
+    DESCRIPTION = ("Loads a diffusion transformer (Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2, Qwen-Image, PixArt-α / Σ, "
+                   "HunyuanDiT) onto a pool of GPU workers that run it in parallel; the family is read from the file.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                              {"tooltip": "Flux.1, SD3 / SD3.5 (or a full SD3.5 checkpoint), Wan, Qwen-Image or "
-                                          "PixArt transformer from models/diffusion_models (or models/unet)."}),
+                              {"tooltip": "Flux.1, SD3 / SD3.5 (or a full SD3.5 checkpoint), Wan, Qwen-Image, "
+                                          "PixArt or HunyuanDiT transformer from models/diffusion_models (or "
+                                          "models/unet)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16",
                                                        "tooltip": "bf16/fp16/fp32: compute dtype; fp8 files are upcast "
                                                                   "to it. fp8_e4m3fn: the blocks' weights kept in "
