@@ -38,6 +38,9 @@ QWEN = "cxd_qwen_1block.safetensors"    # Qwen-Image at full width (ComfyUI fixe
 QWEN_FP8 = "cxd_qwen_1block_fp8_scaled.safetensors"  # the same weights as ComfyUI's scaled fp8
 QWEN_TEXT = "cxd_qwen_text.safetensors"  # Qwen2.5-VL-7B-shaped hidden states (input): positive, negative
 QWEN_TEXT_LENGTHS = {"positive": 9, "negative": 6}  # tokens: different, not all even
+PIXART_SIGMA = "cxd_pixart_sigma_1block.safetensors"  # PixArt-Σ XL-2 1024 at full width, 1 block, original keys
+PIXART_ALPHA = "cxd_pixart_alpha_1block.safetensors"  # PixArt-α XL-2 1024-MS (micro-conditions), 1 block, ComfyUI keys
+SDXL_VAE = "cxd_sdxl_vae.safetensors"   # 4-channel KL VAE at SDXL's real widths, LDM keys, random (vae)
 TEST_NODES = "cxd_test_nodes"           # test-only custom nodes (custom_nodes/), see write_test_nodes
 
 
@@ -189,7 +192,7 @@ def write_test_nodes(base: str) -> str:
     return folder
 
 
-def write_models(base: str, flux: bool = True, qwen: bool = True) -> dict:
+def write_models(base: str, flux: bool = True, qwen: bool = True, pixart: bool = True) -> dict:
     """Small random models in the real formats under base/models (and an input picture under base/input);
     returns {what: file name}. Takes the pack's own writers, so the files are what users' files look like:
     - SD3: an SD3.5-Medium-shaped tiny transformer (dual attention, q/k norm) as SAI's all-in-one checkpoint
@@ -206,7 +209,12 @@ def write_models(base: str, flux: bool = True, qwen: bool = True) -> dict:
       channels); the Wan 2.1 VAE at its real widths;
     - Qwen-Image: ComfyUI reads only the input channels and the depth off the file (24 heads of 128, text width
       3584 fixed), so full width with 1 block (about 370M parameters), bf16, and the same weights as ComfyUI's
-      scaled fp8; text-encoder-shaped hidden states for CXDTestLoadConditioning (input/, write_test_nodes)."""
+      scaled fp8; text-encoder-shaped hidden states for CXDTestLoadConditioning (input/, write_test_nodes);
+    - PixArt: ComfyUI fixes 16 heads of 72 and T5's 4096-wide text, and reads the depth, the micro-conditions
+      (ar_embedder) and the position interpolation (pos_embed's size) off the file, so PixArt-Σ XL-2 1024 and
+      PixArt-α XL-2 1024-MS at full width with 1 block each (about 37M parameters), fp32, with the released files'
+      y_embedding and pos_embed (Σ in the original keys, α under model.diffusion_model.); a 4-channel KL VAE at
+      SDXL's widths with quant_conv / post_quant_conv (LDM keys) for their 4-channel latents."""
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -279,6 +287,22 @@ def write_models(base: str, flux: bool = True, qwen: bool = True) -> dict:
         save_file({k: torch.randn(1, n, config["joint_attention_dim"], generator=g)
                    for k, n in QWEN_TEXT_LENGTHS.items()}, os.path.join(base, "input", QWEN_TEXT))
 
+    if pixart:
+        from comfy_xdit.models.pixart import PIXART as PIXART_FAMILY
+        from comfy_xdit.models.pixart.checkpoint import write_pixart_checkpoint
+
+        for name, preset, layout, seed in ((PIXART_SIGMA, "pixart-sigma-xl-2-1024", "pixart", 0),
+                                           (PIXART_ALPHA, "pixart-alpha-xl-2-1024", "comfy", 1)):
+            pixart_model = PIXART_FAMILY.random(dict(PIXART_FAMILY.preset_config(preset), num_layers=1), seed=seed)
+            write_pixart_checkpoint(pixart_model, os.path.join(models, "diffusion_models", name), layout=layout)
+        del pixart_model
+        torch.manual_seed(1)
+        sdxl_vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                 down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4).eval()
+        write_vae_checkpoint(sdxl_vae, os.path.join(models, "vae", SDXL_VAE), layout="ldm")
+        del sdxl_vae
+
     save_file(_clip_l_state_dict(seed=0), os.path.join(models, "text_encoders", CLIP_L))
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -292,7 +316,9 @@ def write_models(base: str, flux: bool = True, qwen: bool = True) -> dict:
     return dict(sd3=SD3, flux=FLUX if flux else None, clip_l=CLIP_L, vae=VAE, sd3_lora=SD3_LORA,
                 flux_lora=FLUX_LORA if flux else None, image=IMAGE, wan_high=WAN_HIGH, wan_low=WAN_LOW,
                 wan_i2v=WAN_I2V, wan_vae=WAN_VAE, qwen=QWEN if qwen else None,
-                qwen_fp8=QWEN_FP8 if qwen else None, qwen_text=QWEN_TEXT if qwen else None)
+                qwen_fp8=QWEN_FP8 if qwen else None, qwen_text=QWEN_TEXT if qwen else None,
+                pixart_sigma=PIXART_SIGMA if pixart else None, pixart_alpha=PIXART_ALPHA if pixart else None,
+                sdxl_vae=SDXL_VAE if pixart else None)
 
 
 # --- workflows --------------------------------------------------------------------------------------------
@@ -696,8 +722,9 @@ def python_info(python: str) -> str:
         return str(e)
 
 
-__all__ = ["CLIP_L", "Common", "ComfyServer", "FLUX", "FLUX_LORA", "IMAGE", "PromptFailed", "QWEN", "QWEN_FP8",
-           "QWEN_TEXT", "QWEN_TEXT_LENGTHS", "SD3", "SD3_LORA", "TEST_NODES", "VAE", "WAN_HIGH", "WAN_I2V", "WAN_LOW",
+__all__ = ["CLIP_L", "Common", "ComfyServer", "FLUX", "FLUX_LORA", "IMAGE", "PIXART_ALPHA", "PIXART_SIGMA",
+           "PromptFailed", "QWEN", "QWEN_FP8", "QWEN_TEXT", "QWEN_TEXT_LENGTHS", "SD3", "SD3_LORA", "SDXL_VAE",
+           "TEST_NODES", "VAE", "WAN_HIGH", "WAN_I2V", "WAN_LOW",
            "WAN_VAE", "Events", "Workflow", "common_nodes", "descendants", "execution_error", "find_comfyui",
            "find_comfyui_python", "pool_ranks", "rel_l2", "sampler_pair", "write_models", "write_test_nodes",
            "xdit_loader"]
