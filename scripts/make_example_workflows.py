@@ -1,4 +1,4 @@
-"""Writes example_workflows/: each Flux, SD3, Wan and Qwen-Image workflow in ComfyUI's UI format (for the template
+"""Writes example_workflows/: each Flux, SD3, Wan, Qwen-Image and PixArt workflow in ComfyUI's UI format (for the template
 browser and drag-and-drop) and in API format (for POST /prompt), from one description so
 the two never drift apart.
 
@@ -211,11 +211,35 @@ def qwen_image_edit(base: dict) -> dict:
     return wf
 
 
+NEGATIVE_PIXART = "blurry, low quality, deformed, watermark, jpeg artifacts"
+PIXART_SIGMA = {  # PixArt-Σ XL-2 2K at its native 2048x2048 (16384 image tokens), cfg 4.5 with a negative prompt;
+    # ComfyUI's own T5-XXL (CLIPLoader type pixart) encodes, the pool samples (discrete eps, dpmpp_2m / karras)
+    # and decodes with the SDXL VAE
+    1: ("CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"}, {},
+        [("CLIP", "CLIP")]),
+    2: ("CLIPTextEncode", {"text": "a lighthouse on a rocky coast at dusk, waves breaking, warm light in the "
+                                   "windows, detailed oil painting"},
+        {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    3: ("CLIPTextEncode", {"text": NEGATIVE_PIXART}, {"clip": (1, 0, "CLIP")}, [("CONDITIONING", "CONDITIONING")]),
+    4: ("XDiTModelLoader", {"unet_name": "PixArt-Sigma-XL-2-2K-MS.safetensors", "weight_dtype": "bf16", "gpus": 2,
+                            "strategy": "auto", "ulysses_degree": 1, "ring_degree": 1}, {},
+        [("XDIT_MODEL", "XDIT_MODEL")]),
+    5: ("EmptyLatentImage", {"width": 2048, "height": 2048, "batch_size": 1}, {}, [("LATENT", "LATENT")]),
+    6: ("XDiTSampler", {"seed": 42, "steps": 20, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                        "denoise": 1.0},
+        {"model": (4, 0, "XDIT_MODEL"), "positive": (2, 0, "CONDITIONING"), "negative": (3, 0, "CONDITIONING"),
+         "latent_image": (5, 0, "LATENT")}, [("LATENT", "LATENT")]),
+    7: ("XDiTVAELoader", {"vae_name": "sdxl_vae.safetensors", "gpus": 2}, {}, [("XDIT_VAE", "XDIT_VAE")]),
+    8: ("XDiTVAEDecode", {}, {"samples": (6, 0, "LATENT"), "vae": (7, 0, "XDIT_VAE")}, [("IMAGE", "IMAGE")]),
+    9: ("SaveImage", {"filename_prefix": "xdit_pixart_sigma"}, {"images": (8, 0, "IMAGE")}, []),
+}
+
+
 WORKFLOWS = {"flux_txt2img_xdit": TXT2IMG, "flux_lora_xdit": with_lora(TXT2IMG),
              "flux_controlnet_xdit": with_controlnet(TXT2IMG), "flux_ksampler_xdit_model": with_comfy_sampler(TXT2IMG),
              "sd3_txt2img_xdit": SD3_TXT2IMG, "wan21_t2v_xdit": WAN_T2V, "wan21_i2v_xdit": wan_i2v(WAN_T2V),
              "wan22_two_experts_xdit": wan22_two_experts(WAN_T2V), "qwen_image_xdit": QWEN_IMAGE,
-             "qwen_image_edit_xdit": qwen_image_edit(QWEN_IMAGE)}
+             "qwen_image_edit_xdit": qwen_image_edit(QWEN_IMAGE), "pixart_sigma_xdit": PIXART_SIGMA}
 
 
 UI_ONLY_WIDGETS = {"upload"}  # frontend buttons: in widgets_values, never in the API prompt
