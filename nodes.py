@@ -164,6 +164,15 @@ def _conditioning(cond, name: str) -> Conditioning:
                         extra=tensors)
 
 
+def _latent_channels(path: str) -> int:
+    """The latent channels of a diffusion-model file's family and release, from its header (comfy.sample's
+    fix_empty_latent_channels reads them off the model's latent format)."""
+    from .comfy_xdit.models.family import read_info
+
+    family, info = read_info(path)
+    return family.latent_format_for(info.config).channels
+
+
 class XDiTModelLoader:
     DESCRIPTION = ("Loads a diffusion transformer (Flux.1, SD3 / SD3.5, Wan 2.1 / 2.2, Qwen-Image, PixArt-α / Σ, "
                    "HunyuanDiT) onto a pool of GPU workers that run it in parallel; the family is read from the file.")
@@ -331,8 +340,10 @@ class XDiTSampler:
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
                add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable"):
         samples = latent_image["samples"]
-        if samples.shape[1] == 4 and not samples.any():  # an all-zero SD latent: widen, as ComfyUI does
-            samples = torch.zeros(samples.shape[0], 16, *samples.shape[2:])
+        if not samples.any():  # an empty latent of another channel count: the model's, as ComfyUI does
+            channels = _latent_channels(model.path)
+            if samples.shape[1] != channels:
+                samples = torch.zeros(samples.shape[0], channels, *samples.shape[2:])
         cancel = threading.Event()
         # KSamplerAdvanced's rules (nodes.common_ksampler, comfy.samplers.KSampler.sample)
         advanced = dict(add_noise=add_noise != "disable", start_step=int(start_at_step), last_step=int(end_at_step),
