@@ -164,12 +164,16 @@ def _conditioning(cond, name: str) -> Conditioning:
                         extra=tensors)
 
 
-def _latent_channels(path: str) -> int:
+def _latent_channels(path: str) -> int | None:
     """The latent channels of a diffusion-model file's family and release, from its header (comfy.sample's
     fix_empty_latent_channels reads them off the model's latent format)."""
+    from .comfy_xdit.models.checkpoint import CheckpointError
     from .comfy_xdit.models.family import read_info
 
-    family, info = read_info(path)
+    try:
+        family, info = read_info(path)
+    except CheckpointError:  # the workers' load says what is wrong with the file
+        return None
     return family.latent_format_for(info.config).channels
 
 
@@ -341,7 +345,7 @@ class XDiTSampler:
                add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable"):
         samples = latent_image["samples"]
         if not samples.any():  # an empty latent of another channel count: the model's, as ComfyUI does
-            channels = _latent_channels(model.path)
+            channels = _latent_channels(model.path) or (16 if samples.shape[1] == 4 else samples.shape[1])
             if samples.shape[1] != channels:
                 samples = torch.zeros(samples.shape[0], channels, *samples.shape[2:])
         cancel = threading.Event()
