@@ -369,7 +369,7 @@ class WorkerState:
             b, (h, w) = latent_shape[0], latent_shape[-2:]
             size = f"{latent_shape[2]} frames of " if len(latent_shape) == 5 and latent_shape[2] > 1 else ""
             both = " (cond and uncond on one GPU)" if guided and model.mesh.size("cfg") == 1 else ""
-            raise RequestError(f"sampling {b} x {size}a {w}x{h} latent needs about {need / GB:.1f} GB per GPU above "
+            raise RequestError(f"sampling {b} latent(s) of {size}{w}x{h} needs about {need / GB:.1f} GB per GPU above "
                                f"the weights{both}; {free / GB:.1f} GB free on {device}: use a smaller size or batch, "
                                "more GPUs (cfg_parallel, ulysses), or free memory", kind="memory")
 

@@ -732,3 +732,22 @@ if __name__ == "__main__":  # write the models (and the test nodes) somewhere, f
     sys.path.insert(0, REPO)
     write_test_nodes(sys.argv[1])
     print(write_models(sys.argv[1]))
+
+
+def without_outputs(wf: Workflow, outputs: list[str]) -> Workflow:
+    """The prompt without those Save* nodes and what only they need."""
+    keep, todo = set(), [n for n, node in wf.items() if n not in outputs and node["class_type"].startswith("Save")]
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            todo += [v[0] for v in wf[n]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return Workflow({n: node for n, node in wf.items() if n in keep})
+
+
+def unload_pool(comfy) -> None:
+    """The pool's models unloaded (a module that loads large ones leaves the later modules their memory)."""
+    try:
+        comfy.request("/xdit/unload", {}, timeout=60)
+    except OSError as e:  # not worth failing a test for: the next restart frees them too
+        sys.stderr.write(f"[comfyui] could not unload the pool's models: {e}\n")

@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from tests.comfyui.helpers import (IMAGE, QWEN, QWEN_FP8, QWEN_TEXT, WAN_VAE, PromptFailed, Workflow, pool_ranks,
-                                   rel_l2, xdit_loader)
+                                   rel_l2, unload_pool, without_outputs, xdit_loader)
 
 TOLERANCE = 1e-4
 SETTINGS = dict(seed=11, steps=4, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
@@ -108,26 +108,11 @@ def _prompt(gpus: int, strategy: str) -> tuple[Workflow, dict, dict, dict]:
     return wf, pairs, model_pairs, images
 
 
-def _without(wf: Workflow, outputs: list[str]) -> Workflow:
-    """The prompt without those SaveLatent nodes and what only they need."""
-    keep, todo = set(), [n for n, node in wf.items() if n not in outputs and node["class_type"].startswith("Save")]
-    while todo:
-        n = todo.pop()
-        if n not in keep:
-            keep.add(n)
-            todo += [v[0] for v in wf[n]["inputs"].values() if isinstance(v, list) and len(v) == 2]
-    return Workflow({n: node for n, node in wf.items() if n in keep})
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _unload_afterwards(comfy):
-    """The pool's models (the Qwen file in fp32 on each rank: 1.5 GB a rank) unloaded when the module ends, so
-    the modules after it run on the memory they had before it."""
+    """The pool's models unloaded when the module ends (the modules after it run on the memory they had)."""
     yield
-    try:
-        comfy.request("/xdit/unload", {}, timeout=60)
-    except OSError as e:  # not worth failing a test for: the next restart frees them too
-        sys.stderr.write(f"[comfyui] could not unload the pool's models: {e}\n")
+    unload_pool(comfy)
 
 
 @pytest.fixture(scope="module", params=PARAMS, ids=IDS)
@@ -138,7 +123,7 @@ def results(request, comfy):
     wf, pairs, model_pairs, images = _prompt(gpus, strategy)
     model_only = [a for a, _ in model_pairs.values()]
     t = time.monotonic()
-    entry = comfy.run(_without(wf, model_only), timeout=900)
+    entry = comfy.run(without_outputs(wf, model_only), timeout=900)
     sys.stderr.write(f"\n[comfyui] Qwen-Image, {IDS[PARAMS.index(request.param)]}: {len(pairs)} comparisons in "
                      f"{time.monotonic() - t:.1f} s\n")
     assert len(pool_ranks(comfy.proc.pid)) == gpus
@@ -147,7 +132,7 @@ def results(request, comfy):
     for name, (a, b) in model_pairs.items():  # a failure on the MODEL path fails that case only
         t = time.monotonic()
         try:
-            second = comfy.run(_without(wf, [o for o in model_only if o != a]), timeout=900)
+            second = comfy.run(without_outputs(wf, [o for o in model_only if o != a]), timeout=900)
         except PromptFailed as e:
             model_errors[name] = e
             continue
